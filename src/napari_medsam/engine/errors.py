@@ -1,0 +1,21 @@
+"""Exceptions the engine raises. Each names the problem in words a user can act on."""
+
+
+class MedSAMError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ImageError(MedSAMError, ValueError):
+    """The image cannot be segmented as given (wrong shape, dtype, NaN, constant...)."""
+
+
+class BoxError(MedSAMError, ValueError):
+    """A box prompt is unusable (NaN, zero area, wrong length)."""
+
+
+class CheckpointError(MedSAMError):
+    """Model weights are missing, corrupt, or belong to another model."""
+
+
+class ReadError(MedSAMError, OSError):
+    """An image file is missing, unreadable or in a format we do not know."""

@@ -1,0 +1,1 @@
+"""Model architectures, the registry and checkpoint handling."""

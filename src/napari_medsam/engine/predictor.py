@@ -1,0 +1,189 @@
+"""The MedSAM facade: load a model, embed an image once, answer many boxes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .cache import Embedding, EmbeddingCache, embedding_key
+from .errors import ImageError
+from .intensity import Intensity, WindowLike, resolve_modality, to_uint8
+from .models.registry import ModelSpec, get_spec, load_weights
+from .prompts import check_image, normalize_boxes
+
+BoxLike = Union[Sequence[float], np.ndarray]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Prediction:
+    """Masks for a batch of boxes.
+
+    Attributes:
+        masks: (N, H, W) bool, or (N, y1-y0, x1-x0) when a region was asked for.
+        iou: (N,) the decoder's predicted IoU per mask.
+        boxes: (N, 4) the boxes as used (ordered, clipped), in image pixels.
+    """
+
+    masks: np.ndarray
+    iou: np.ndarray
+    boxes: np.ndarray
+
+
+class MedSAM:
+    """Box-prompted segmentation with MedSAM-family models.
+
+    Use :meth:`load` to build one. Typical use::
+
+        model = MedSAM.load("litemedsam")
+        emb = model.embed(image)                      # encoder, cached
+        mask = model.segment(emb, box=(x0, y0, x1, y1))
+    """
+
+    def __init__(self, spec: ModelSpec, module: torch.nn.Module, device: torch.device, cache: Optional[EmbeddingCache] = None, checkpoint: Optional[str] = None):
+        self.spec = spec
+        self.name = spec.name
+        self.recipe = spec.recipe()
+        self.module = module.to(device).eval()
+        self.device = device
+        self.cache = cache if cache is not None else EmbeddingCache()
+        self.checkpoint = checkpoint
+        self.last_encode_s = 0.0
+        self.last_decode_s = 0.0
+        self._lock = threading.Lock()  # one forward pass at a time per model
+        with torch.inference_mode():
+            self._dense_pe = self.module.prompt_encoder.get_dense_pe()
+
+    @classmethod
+    def load(
+        cls,
+        name: str = "litemedsam",
+        device: str = "auto",
+        checkpoint: Optional[str] = None,
+        *,
+        weights: str = "pretrained",
+        allow_download: bool = False,
+        cache: Optional[EmbeddingCache] = None,
+    ) -> "MedSAM":
+        """Build a registered model and load its weights.
+
+        Args:
+            name: registry name (``litemedsam``, ``medsam``, ``sam_vit_b``, ``sam_vit_l``, ``sam_vit_h``).
+            device: ``auto``, ``cpu``, ``cuda``, ``mps``.
+            checkpoint: explicit weights file (else env var, packaged file, user cache).
+            weights: ``pretrained`` or ``random`` (architecture only; for tests where
+                no weights can be had).
+            allow_download: fetch missing weights from their known address (never by default).
+            cache: share an :class:`EmbeddingCache` between models or sessions.
+        """
+        spec = get_spec(name)
+        module = spec.build()
+        path = None
+        if weights == "pretrained":
+            path = spec.locate_checkpoint(checkpoint, allow_download)
+            load_weights(module, path, spec.name)
+        elif weights != "random":
+            raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
+        return cls(spec, module, pick_device(device), cache, str(path) if path else None)
+
+    # -- encoding ---------------------------------------------------------
+    def prepare(self, image, modality: str = "auto", window: WindowLike = None) -> np.ndarray:
+        """Validate and convert a 2D image to the (H, W, 3) uint8 the recipe expects."""
+        arr, rgb = check_image(image)
+        intensity = resolve_modality(arr, modality, window, rgb=rgb)
+        u8 = to_uint8(arr, intensity)
+        if not rgb:
+            u8 = np.repeat(u8[:, :, None], 3, axis=-1)
+        if u8.min() == u8.max():
+            raise ImageError(f"image is constant after the {intensity.describe()} intensity rule: check the window or modality")
+        return np.ascontiguousarray(u8)
+
+    def embed(self, image, modality: str = "auto", window: WindowLike = None, use_cache: bool = True) -> Embedding:
+        """Encode a 2D image (cached by model + exact 8-bit pixels).
+
+        Args:
+            image: (H, W) or (H, W, 3|4) array of any integer or float dtype.
+            modality: ``auto``, ``ct``, ``mr``, ``rgb`` (or ultrasound, xray, endoscopy...).
+            window: CT (level, width), a preset name or ``"level,width"``.
+        """
+        return self.embed_rgb(self.prepare(image, modality, window), use_cache)
+
+    def embed_rgb(self, rgb: np.ndarray, use_cache: bool = True) -> Embedding:
+        """Encode an already prepared (H, W, 3) uint8 image."""
+        key = embedding_key(self.name, rgb)
+        if use_cache:
+            hit = self.cache.get(key)
+            if hit is not None:
+                return hit
+        x, resized = self.recipe.preprocess(rgb)
+        t0 = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            feats = self.module.image_encoder(x.to(self.device))
+        self.last_encode_s = time.perf_counter() - t0
+        emb = Embedding(feats, tuple(rgb.shape[:2]), resized, self.name, key)
+        return self.cache.put(emb) if use_cache else emb
+
+    # -- decoding ---------------------------------------------------------
+    def predict(self, embedding: Embedding, boxes: BoxLike, region=None) -> Prediction:
+        """Masks and predicted IoU for one or more boxes on an embedded image.
+
+        Args:
+            embedding: from :meth:`embed`.
+            boxes: (x0, y0, x1, y1) or (N, 4), x = column, y = row, in image pixels.
+            region: optional (y0, y1, x0, x1): compute the full-size mask only there
+                (same values, less upsampling; the live preview uses it).
+        """
+        if embedding.model != self.name:
+            raise ValueError(f"embedding was made by {embedding.model!r}, not {self.name!r}")
+        boxes = normalize_boxes(boxes, embedding.original_size)
+        box_t = self.recipe.scale_boxes(boxes, embedding.original_size, embedding.resized).to(self.device)
+        t0 = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            feats = embedding.features.to(self.device, torch.float32)
+            sparse, dense = self.module.prompt_encoder(points=None, boxes=box_t[:, None, :], masks=None)
+            logits, iou = self.module.mask_decoder(
+                image_embeddings=feats,
+                image_pe=self._dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
+            )
+            masks = self.recipe.postprocess(logits, embedding.resized, embedding.original_size, region)
+        self.last_decode_s = time.perf_counter() - t0
+        return Prediction(masks.cpu().numpy(), iou[:, 0].float().cpu().numpy(), boxes)
+
+    def segment(self, image_or_embedding, box: Optional[BoxLike] = None, boxes: Optional[BoxLike] = None, **embed_kwargs) -> np.ndarray:
+        """Bool mask (H, W) for ``box``, or (N, H, W) for ``boxes``.
+
+        ``image_or_embedding`` is an :class:`Embedding` or a 2D image (then embedded
+        with ``embed_kwargs``: modality, window).
+        """
+        if (box is None) == (boxes is None):
+            raise TypeError("give exactly one of box= or boxes=")
+        emb = image_or_embedding
+        if not isinstance(emb, Embedding):
+            emb = self.embed(emb, **embed_kwargs)
+        pred = self.predict(emb, box if box is not None else boxes)
+        return pred.masks[0] if box is not None else pred.masks
+
+    def segment_volume(self, volume, box: BoxLike, slice: int, **kwargs) -> np.ndarray:
+        """3D mask (D, H, W) from one box on one slice; see :func:`engine.volume.propagate`."""
+        from .volume import segment_volume
+
+        return segment_volume(self, volume, box, slice, **kwargs)
