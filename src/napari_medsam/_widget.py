@@ -1,0 +1,236 @@
+"""The MedSAM dock widget: controls only; the work is done by :class:`Controller`."""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+from napari.layers import Image
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._controller import Controller
+from .engine.intensity import CT_PRESETS, window_from_limits
+from .engine.models.registry import REGISTRY
+from .engine.predictor import MedSAM
+
+INTENSITY_CHOICES = (
+    ["auto", "layer contrast limits", "CT level/width"]
+    + [f"CT {name}" for name in CT_PRESETS if name != "soft_tissue"]
+    + ["MR / ultrasound / X-ray (percentiles)", "RGB"]
+)
+
+
+def _guard_triton() -> None:
+    """Keep Triton out of a process that has an OpenGL context and no CUDA.
+
+    torchvision imports ``torch._dynamo``, which imports Triton if installed (CUDA
+    builds of torch ship it). Triton's bundled LLVM clashes with Mesa's llvmpipe
+    OpenGL driver once napari has drawn, and the import segfaults. CPU inference
+    never uses Triton, so without CUDA we make ``import triton`` fail cleanly.
+    """
+    import sys
+
+    import torch
+
+    if "triton" not in sys.modules and not torch.cuda.is_available():
+        sys.modules["triton"] = None
+
+
+class _Loader(QObject):
+    loaded = Signal(object, object)  # (model or None, error or None)
+
+
+class MedSAMWidget(QWidget):
+    """Dock widget: image, model, device, intensity, label id, actions, status."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.controller: Optional[Controller] = None
+        self._model_key = None
+        self._loader = _Loader()
+        self._loader.loaded.connect(self._on_loaded)
+
+        self.image_combo = QComboBox(toolTip="Image layer to annotate; encoding starts when you pick it")
+        self.model_combo = QComboBox(toolTip="litemedsam: fast on CPU (default). medsam: ViT-B, needs its checkpoint")
+        self.model_combo.addItems(list(REGISTRY))
+        self.checkpoint = QLineEdit(placeholderText="checkpoint (optional for litemedsam)")
+        browse = QPushButton("...", toolTip="Choose a checkpoint file")
+        browse.clicked.connect(self._browse)
+        self.device_combo = QComboBox(toolTip="auto picks cuda, then mps, then cpu")
+        self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.intensity_combo = QComboBox(toolTip="How pixel values become the model's 8-bit input")
+        self.intensity_combo.addItems(INTENSITY_CHOICES)
+        self.level = QDoubleSpinBox(minimum=-5000, maximum=5000, value=40, toolTip="CT window level (HU)")
+        self.width = QDoubleSpinBox(minimum=1, maximum=10000, value=400, toolTip="CT window width (HU)")
+        self.label_spin = QSpinBox(minimum=1, maximum=2**31 - 1, value=1, toolTip="Label id of the next new object")
+
+        self.start_btn = QPushButton("Start / apply settings", toolTip="Load the model and encode the image on screen")
+        self.delete_btn = QPushButton("Delete selected", toolTip="Delete the selected boxes and their labels (Delete)")
+        self.undo_btn = QPushButton("Undo", toolTip="Undo accept / edit / delete / propagate (Ctrl+Z on the boxes layer)")
+        self.redo_btn = QPushButton("Redo", toolTip="Redo (Ctrl+Shift+Z on the boxes layer)")
+        self.prop_btn = QPushButton("Propagate 3D", toolTip="Propagate the selected box's object through the volume (Shift+P)")
+        self.cancel_btn = QPushButton("Cancel", toolTip="Stop a running propagation")
+        self.progress = QProgressBar(maximum=1, value=1, textVisible=False)
+        self.status = QLabel("pick an image layer", wordWrap=True)
+
+        form = QFormLayout()
+        form.addRow("image", self.image_combo)
+        form.addRow("model", self.model_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.checkpoint)
+        row.addWidget(browse)
+        form.addRow("weights", row)
+        form.addRow("device", self.device_combo)
+        form.addRow("intensity", self.intensity_combo)
+        lw = QHBoxLayout()
+        lw.addWidget(self.level)
+        lw.addWidget(self.width)
+        form.addRow("level / width", lw)
+        form.addRow("next label", self.label_spin)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.start_btn)
+        for pair in ((self.undo_btn, self.redo_btn), (self.delete_btn, self.prop_btn)):
+            r = QHBoxLayout()
+            for b in pair:
+                r.addWidget(b)
+            layout.addLayout(r)
+        layout.addWidget(self.cancel_btn)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addStretch()
+
+        self.start_btn.clicked.connect(self.start)
+        self.undo_btn.clicked.connect(lambda: self.controller and self.controller.undo())
+        self.redo_btn.clicked.connect(lambda: self.controller and self.controller.redo())
+        self.delete_btn.clicked.connect(lambda: self.controller and self.controller.delete_selected())
+        self.prop_btn.clicked.connect(lambda: self.controller and self.controller.propagate_selected())
+        self.cancel_btn.clicked.connect(self._cancel)
+        self.label_spin.valueChanged.connect(self._set_next_label)
+        self.image_combo.activated.connect(lambda _: self.start())
+        self.intensity_combo.activated.connect(lambda _: self.start())
+        self.viewer.layers.events.inserted.connect(self._refresh_images)
+        self.viewer.layers.events.removed.connect(self._refresh_images)
+        self._refresh_images()
+        if self.image_combo.count():
+            self.start()
+
+    # -- helpers ----------------------------------------------------------------
+    def _refresh_images(self, event=None) -> None:
+        current = self.image_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        self.image_combo.blockSignals(False)
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "MedSAM checkpoint", "", "PyTorch (*.pth *.pt)")
+        if path:
+            self.checkpoint.setText(path)
+
+    def selected_image(self) -> Optional[Image]:
+        name = self.image_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def intensity(self, image: Image):
+        """Widget choice -> (modality, window) for the engine."""
+        choice = self.intensity_combo.currentText()
+        if choice == "layer contrast limits":
+            lo, hi = image.contrast_limits
+            return "ct", window_from_limits(lo, hi)
+        if choice == "CT level/width":
+            return "ct", (self.level.value(), self.width.value())
+        if choice.startswith("CT "):
+            return "ct", CT_PRESETS[choice[3:]]
+        if choice.startswith("MR"):
+            return "mr", None
+        if choice == "RGB":
+            return "rgb", None
+        return "auto", None
+
+    def set_status(self, text: str) -> None:
+        self.status.setText(text)
+        busy = text.startswith(("encoding", "loading", "waiting", "propagating"))
+        self.progress.setMaximum(0 if busy else 1)
+
+    def _set_next_label(self, value: int) -> None:
+        if self.controller is not None:
+            self.controller.next_label = value
+
+    def _cancel(self) -> None:
+        if self.controller is not None and self.controller.propagation is not None:
+            self.controller.propagation.cancel()
+
+    # -- model and image --------------------------------------------------------
+    def start(self) -> None:
+        """Load the chosen model if needed (in a thread), then attach the chosen image."""
+        image = self.selected_image()
+        if image is None:
+            self.set_status("pick an image layer")
+            return
+        key = (self.model_combo.currentText(), self.device_combo.currentText(), self.checkpoint.text().strip() or None)
+        if self.controller is not None and key == self._model_key:
+            self._attach(image)
+            return
+        self._model_key = key
+        self.set_status(f"loading {key[0]}...")
+        _guard_triton()
+        import segment_anything  # noqa: F401  (import torchvision in the GUI thread, not the loader's)
+
+        def load():
+            try:
+                self._loader.loaded.emit(MedSAM.load(key[0], device=key[1], checkpoint=key[2]), None)
+            except Exception as exc:  # shown as a notification in the GUI thread
+                self._loader.loaded.emit(None, exc)
+
+        threading.Thread(target=load, name="medsam-load", daemon=True).start()
+
+    def _on_loaded(self, model, error) -> None:
+        if error is not None:
+            self._model_key = None
+            show_error(f"MedSAM: {error}")
+            self.set_status(f"could not load the model: {error}")
+            return
+        if self.controller is not None:
+            self.controller.close()
+        self.controller = Controller(self.viewer, model, report=self.set_status)
+        self.controller.next_label = self.label_spin.value()
+        image = self.selected_image()
+        if image is not None:
+            self._attach(image)
+
+    def _attach(self, image: Image) -> None:
+        try:
+            modality, window = self.intensity(image)
+            self.controller.attach(image, modality, window)
+            self.label_spin.blockSignals(True)
+            self.label_spin.setValue(self.controller.next_label)
+            self.label_spin.blockSignals(False)
+            self.set_status(f"encoding {image.name}...")
+        except Exception as exc:
+            show_error(f"MedSAM: {exc}")
+            self.set_status(f"error: {exc}")
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        if self.controller is not None:
+            self.controller.close()
+        super().closeEvent(event)
