@@ -97,6 +97,7 @@ class Controller:
         self.boxes.scale, self.boxes.translate = image.scale, image.translate
         self._hook_boxes()
         self.next_label = max(self.next_label, int(self.labels.data.max()) + 1)
+        self._committed = self._snapshot()
         self.set_intensity(modality, window)
         self.viewer.layers.selection.active = self.boxes
         self.boxes.mode = "add_rectangle"
@@ -225,6 +226,9 @@ class Controller:
         if text == "ready":
             self.stats["last_encode_s"] = seconds
             self.report(f"ready (last encode {seconds:.2f} s)")
+        elif text.startswith("error"):
+            show_error(f"MedSAM: {text[7:]}")
+            self.report(text)
         else:
             self.report(text)
 
@@ -257,15 +261,28 @@ class Controller:
             self.boxes.data = []
             if data:
                 self.boxes.add(data, shape_type=types)
-            self.boxes.features = {"label": np.asarray(labels, np.int64)}
+            self._set_box_labels(labels)
         finally:
             self._restoring = False
+
+    def _commit(self, edit: Edit) -> None:
+        """Record ``edit`` (its ``boxes_after`` = now) and make now the committed state."""
+        edit.boxes_after = self._committed = self._snapshot()
+        self.history.push(edit)
+
+    def _set_box_labels(self, labels, idx: Optional[int] = None, label_id: int = 0) -> None:
+        """Replace the boxes' label column (optionally setting one row); new boxes default to 0 = new object."""
+        labels = np.asarray(labels, np.int64)
+        if idx is not None:
+            labels[idx] = label_id
+        self.boxes.features = {"label": labels}
+        self.boxes.feature_defaults = {"label": 0}
 
     def _write_object(self, res: BoxResult) -> None:
         idx = res.job.shape_index
         if idx >= len(self.boxes.data):
             return
-        before = self._snapshot()
+        before = self._committed
         label_id = int(self.boxes.features["label"].iloc[idx])
         new_object = label_id <= 0
         if new_object:
@@ -282,12 +299,10 @@ class Controller:
         sub = tuple(slice(r.start, r.stop) for r in region[len(lead):])
         patch = apply_mask(labels, region, mask[sub][None] if lead else mask[sub], label_id)
         self.labels.refresh()
-        feats = self.boxes.features.copy()
-        feats.loc[feats.index[idx], "label"] = label_id
-        self.boxes.features = feats
+        self._set_box_labels(self.boxes.features["label"].to_numpy().copy(), idx, label_id)
         if new_object:
             self.next_label = max(self.next_label, label_id) + 1
-        self.history.push(Edit("accept" if new_object else "edit", [patch], before, self._snapshot()))
+        self._commit(Edit("accept" if new_object else "edit", [patch], before))
         self.stats["accepts"] += 1
         iou = float(res.prediction.iou[0])
         self.report(f"label {label_id}: {int(mask.sum())} px, predicted IoU {iou:.2f}, decode {res.decode_s * 1000:.0f} ms")
@@ -295,8 +310,9 @@ class Controller:
     def _on_boxes_data(self, event) -> None:
         if self._restoring or getattr(event, "action", None) != "removing":
             return
-        before = self._snapshot()
-        ids = [int(before[2][i]) for i in event.data_indices if i < len(before[2])]
+        before = self._committed
+        now = self._snapshot()[2]
+        ids = [int(now[i]) for i in event.data_indices if i < len(now)]
         patches = [self._erase(i) for i in ids if i > 0]
         if patches:
             self._pending_delete = Edit("delete", [p for p in patches if p], before, None)
@@ -306,9 +322,7 @@ class Controller:
         if getattr(event, "action", None) != "removed":
             return
         self.boxes.events.data.disconnect(self._finish_delete)
-        edit = self._pending_delete
-        edit.boxes_after = self._snapshot()
-        self.history.push(edit)
+        self._commit(self._pending_delete)
         self.labels.refresh()
 
     def _erase(self, label_id: int):
@@ -330,6 +344,7 @@ class Controller:
         for p in reversed(edit.patches):
             self.labels.data[p.region] = p.before
         self._restore(edit.boxes_before)
+        self._committed = edit.boxes_before
         self.labels.refresh()
         self.report(f"undid {edit.name}")
 
@@ -341,6 +356,7 @@ class Controller:
         for p in edit.patches:
             self.labels.data[p.region] = p.after
         self._restore(edit.boxes_after)
+        self._committed = edit.boxes_after
         self.labels.refresh()
         self.report(f"redid {edit.name}")
 

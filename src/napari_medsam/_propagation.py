@@ -30,8 +30,7 @@ class Propagation:
         if self.label_id <= 0:
             raise ValueError("accept the box (release it) before propagating")
         self.options = options
-        self.before = controller._snapshot()
-        self.patches = []
+                self.patches = []
         self.done = threading.Event()
         self.slices = 0
         self.error = None
@@ -82,7 +81,7 @@ class Propagation:
             state = "cancelled" if self.cancel_event.is_set() else "done"
             c.report(f"propagation {state}: label {self.label_id} on {self.slices + 1} slices")
         if self.patches:
-            c.history.push(Edit("propagate", self.patches, self.before, c._snapshot()))
+            c._commit(Edit("propagate", self.patches, c._committed))
         self.done.set()
 
 

@@ -62,6 +62,7 @@ class MedSAMWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.controller: Optional[Controller] = None
+        self.last_error: Optional[str] = None
         self._model_key = None
         self._loader = _Loader()
         self._loader.loaded.connect(self._on_loaded)
@@ -168,9 +169,16 @@ class MedSAMWidget(QWidget):
         return "auto", None
 
     def set_status(self, text: str) -> None:
-        self.status.setText(text)
         busy = text.startswith(("encoding", "loading", "waiting", "propagating"))
-        self.progress.setMaximum(0 if busy else 1)
+        try:
+            self.status.setText(text)
+            self.progress.setMaximum(0 if busy else 1)
+            if self.controller is not None and self.label_spin.value() != self.controller.next_label:
+                self.label_spin.blockSignals(True)
+                self.label_spin.setValue(self.controller.next_label)
+                self.label_spin.blockSignals(False)
+        except RuntimeError:  # the widget was closed while a worker still reported
+            pass
 
     def _set_next_label(self, value: int) -> None:
         if self.controller is not None:
@@ -207,12 +215,14 @@ class MedSAMWidget(QWidget):
     def _on_loaded(self, model, error) -> None:
         if error is not None:
             self._model_key = None
+            self.last_error = str(error)
             show_error(f"MedSAM: {error}")
             self.set_status(f"could not load the model: {error}")
             return
         if self.controller is not None:
             self.controller.close()
         self.controller = Controller(self.viewer, model, report=self.set_status)
+        self.destroyed.connect(self.controller.close)
         self.controller.next_label = self.label_spin.value()
         image = self.selected_image()
         if image is not None:
@@ -227,6 +237,7 @@ class MedSAMWidget(QWidget):
             self.label_spin.blockSignals(False)
             self.set_status(f"encoding {image.name}...")
         except Exception as exc:
+            self.last_error = str(exc)
             show_error(f"MedSAM: {exc}")
             self.set_status(f"error: {exc}")
 

@@ -1,0 +1,185 @@
+"""``napari-medsam`` command line: segment, batch, models, download, demo.
+
+A thin argparse layer over :mod:`napari_medsam.engine.batch`. Every error the engine
+raises on purpose (:class:`MedSAMError`) ends as one line
+``napari-medsam: error: ...`` and exit status 2; ``batch`` exits 1 when some rows
+failed (they are listed on stderr and in ``summary.csv``), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+PROG = "napari-medsam"
+
+
+def _quiet_third_party_warnings() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"timm(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="litemedsam", help="registered model (see `napari-medsam models`; default litemedsam)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--checkpoint", metavar="PATH", help="weights file (default: env var, installed package, user cache)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog=PROG, description="Box-prompted MedSAM / LiteMedSAM segmentation.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("segment", help="segment one image from one box", description="Segment one image (or one volume) from a box prompt.")
+    s.add_argument("image", help="PNG/JPEG/BMP, TIFF, NIfTI or DICOM file (or DICOM folder)")
+    s.add_argument("--box", required=True, metavar="x0,y0,x1,y1", help="inclusive pixel bounds (x = column, y = row)")
+    s.add_argument("-o", "--output", required=True, metavar="MASK", help="output label file (.tif, .nii.gz or .png); 1 = object")
+    s.add_argument("--modality", default="auto", help="auto, ct, mr, rgb, ultrasound, xray, ... (default auto)")
+    s.add_argument("--window", metavar="L,W|PRESET", help="CT window 'level,width' or a preset (soft_tissue, lung, brain, ...)")
+    s.add_argument("--slice", type=int, metavar="Z", help="volume: index (axis 0) of the slice the box is on")
+    s.add_argument("--propagate", action="store_true", help="volume: segment the object in 3D from the key slice")
+    s.add_argument("--z-range", metavar="FIRST,LAST", help="volume: limit propagation to these slices")
+    _model_options(s)
+
+    b = sub.add_parser("batch", help="segment every row of a prompts CSV", description=(
+        "Segment every row of a prompts CSV (columns image, box; optional modality, window, slice, propagate, "
+        "z_range, gt, gt_select, name). Writes DIR/<name>.tif and DIR/summary.csv."))
+    b.add_argument("prompts", help="prompts CSV; relative paths are resolved against its folder")
+    b.add_argument("--out-dir", required=True, metavar="DIR", help="folder for masks and summary.csv")
+    _model_options(b)
+    par = b.add_mutually_exclusive_group()
+    par.add_argument("--workers", type=int, metavar="N", help="run on a local Dask cluster of N processes (needs napari-medsam[dask])")
+    par.add_argument("--scheduler", metavar="ADDRESS", help="run on this Dask scheduler, e.g. tcp://host:8786 (needs napari-medsam[dask])")
+    b.add_argument("--cache-dir", metavar="DIR", help="on-disk embedding cache shared by workers and later runs")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("models", help="list models and where their weights are (never downloads)")
+
+    d = sub.add_parser("download", help="download and verify a model's weights (explicit; needs internet)")
+    d.add_argument("model", help="registered model name, e.g. medsam")
+
+    m = sub.add_parser("demo", help="segment the bundled ultrasound sample and write a mask and an overlay")
+    m.add_argument("-o", "--out-dir", default="medsam-demo", metavar="OUT_DIR", help="output folder (default ./medsam-demo)")
+    _model_options(m)
+    return parser
+
+
+def _fmt_s(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f} s"
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from .engine.batch import BatchError, ImageSession, load_model, parse_box_text
+    from .engine.io import read_image, write_labels
+
+    box = parse_box_text(a.box)
+    z_range = None
+    if a.z_range:
+        try:
+            z = [int(v) for v in a.z_range.split(",")]
+            assert len(z) == 2
+        except (ValueError, AssertionError):
+            raise BatchError(f"--z-range must be FIRST,LAST, got {a.z_range!r}") from None
+        z_range = (min(z), max(z))
+    image = read_image(a.image)
+    model = load_model(a.model, a.device, a.checkpoint)
+    seg = ImageSession(model, image).segment(box, a.modality, a.window, a.slice, a.propagate, z_range)
+    out = write_labels(a.output, seg.mask.astype("uint8"), like=image)
+    iou = "" if seg.iou is None else f", predicted IoU {seg.iou:.3f}"
+    print(f"wrote {out}: {int(seg.mask.sum())} object pixels of {seg.mask.size}{iou}; "
+          f"encode {_fmt_s(seg.encode_s)}, decode {_fmt_s(seg.decode_s)} ({model.name} on {model.device})")
+    return 0
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    from .engine.batch import run_batch
+
+    res = run_batch(
+        a.prompts, a.out_dir, model=a.model, device=a.device, checkpoint=a.checkpoint,
+        workers=a.workers, scheduler=a.scheduler, cache_dir=a.cache_dir, progress=not a.no_progress,
+    )
+    print(f"{len(res.rows)} rows: {res.n_ok} ok, {res.n_failed} failed in {res.seconds:.1f} s; "
+          f"masks in {res.out_dir}, summary {res.summary_path}")
+    per = res.by_modality()
+    if per:
+        print(f"{'modality':16s} {'n':>4s} {'Dice':>7s} {'NSD':>7s}")
+        for mod, v in per.items():
+            print(f"{mod:16s} {v['n']:4d} {v['dice']:7.4f} {v['nsd']:7.4f}")
+    return res.exit_code
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from .engine.errors import CheckpointError
+    from .engine.models.registry import REGISTRY
+
+    for name, spec in REGISTRY.items():
+        src = spec.checkpoint
+        print(f"{name}: {spec.description}")
+        try:
+            path = spec.locate_checkpoint(None, allow_download=False)
+        except CheckpointError as exc:
+            print(f"    checkpoint: not found: {exc}")
+            continue
+        checks = [k for k in ("sha256", "md5") if getattr(src, k)]
+        if checks:
+            state = f"verified ({'size + ' if src.size else ''}{checks[0]})"
+        elif src.size:
+            state = "size checked (no checksum published: not verified)"
+        else:
+            state = "not verified (no checksum known)"
+        print(f"    checkpoint: {path}  [{state}]")
+    return 0
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from .engine.batch import model_spec
+
+    spec = model_spec(a.model)
+    path = spec.locate_checkpoint(None, allow_download=True)
+    print(f"{spec.name}: {path} (verified)")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .engine.batch import run_demo
+
+    r = run_demo(a.out_dir, a.model, a.device, a.checkpoint)
+    x0, y0, x1, y1 = (int(v) for v in r.box)
+    print(f"{r.model} on {r.device}: bundled breast ultrasound sample, box {x0},{y0},{x1},{y1}")
+    print(f"model load {r.load_s:.2f} s, encode {r.encode_s:.3f} s, decode {r.decode_s:.3f} s")
+    print(f"predicted IoU {r.iou:.3f}, Dice vs ground truth {r.dice:.3f}")
+    print(f"wrote {r.mask_path}")
+    print(f"wrote {r.overlay_path}")
+    return 0
+
+
+COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "download": cmd_download, "demo": cmd_demo}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the exit status (0 ok, 1 some batch rows failed, 2 error)."""
+    _quiet_third_party_warnings()
+    args = build_parser().parse_args(argv)
+    from .engine.errors import MedSAMError
+
+    try:
+        return COMMANDS[args.command](args)
+    except MedSAMError as exc:
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # cannot write the output, disk full...
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Tests for the ``napari-medsam`` command line (segment, batch, models, demo).
+
+Real LiteMedSAM weights and the bundled samples. In-process ``main([...])`` calls
+share one module-scoped model (``engine.batch.load_model`` hands it out for
+``litemedsam``); ``python -m napari_medsam.cli`` runs as a real subprocess for the
+exit-status checks (they fail before any model is loaded, so they are quick).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import napari_medsam
+from napari_medsam import cli
+from napari_medsam.engine import batch
+
+tifffile = pytest.importorskip("tifffile")
+
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "napari_medsam" / "samples"
+BUSI = SAMPLES / "busi_malignant_1.png"
+BUSI_BOX = "8,133,439,403"
+
+
+def _env():
+    env = dict(os.environ)
+    src = str(Path(napari_medsam.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "napari_medsam.cli", *args], capture_output=True, text=True,
+                          env=_env(), timeout=600)
+
+
+@pytest.fixture(scope="module")
+def shared_model():
+    from napari_medsam.engine import MedSAM
+
+    return MedSAM.load("litemedsam", device="cpu")
+
+
+@pytest.fixture
+def use_shared_model(shared_model, monkeypatch):
+    real = batch.load_model
+
+    def load(model="litemedsam", device="auto", checkpoint=None, cache=None):
+        batch.check_device(device)
+        if model == "litemedsam" and checkpoint is None:
+            return shared_model
+        return real(model, device, checkpoint, cache)
+
+    monkeypatch.setattr(batch, "load_model", load)
+    return shared_model
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert "Traceback" not in err
+    assert lines and lines[-1].startswith("napari-medsam: error: "), err
+    return lines[-1]
+
+
+def test_segment_writes_mask(use_shared_model, tmp_path, capsys):
+    out = tmp_path / "m.tif"
+    assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(out), "--device", "cpu"]) == 0
+    stdout = capsys.readouterr().out
+    assert "wrote" in stdout and "encode" in stdout
+    mask = tifffile.imread(out)
+    assert mask.shape == (598, 449) and mask.dtype == np.uint8
+    from napari_medsam.engine.evaluation import load_cases
+
+    case = next(c for c in load_cases(SAMPLES, dims=2) if c.image.name == BUSI.name)
+    from napari_medsam.engine.evaluation import dice
+
+    assert dice(mask > 0, case.ground_truth()) > 0.85
+    assert not [f for f in tmp_path.iterdir() if f.name != "m.tif"]  # no temp files left
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--box", "1,2,3"], "3 values"),
+        (["--box", "nan,2,3,4"], "NaN"),
+        (["--box", "1,2,30,40", "--model", "nosuch"], "unknown model"),
+        (["--box", "1,2,30,40", "--window", "banana"], "unknown CT window"),
+        (["--box", "600,700,610,710"], "no area"),
+        (["--box", "1,2,30,40", "--device", "cuda:7"], "not available"),
+        (["--box", "1,2,30,40", "--device", "tpu"], "unknown device"),
+    ],
+)
+def test_segment_user_errors_exit_2(use_shared_model, tmp_path, capsys, args, words):
+    out = tmp_path / "m.tif"
+    rc = cli.main(["segment", str(BUSI), "-o", str(out), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert words in _one_error_line(err)
+    assert not out.exists()
+
+
+def test_segment_errors_subprocess(tmp_path):
+    p = _run("segment", str(tmp_path / "nope.png"), "--box", "1,2,30,40", "-o", str(tmp_path / "m.tif"))
+    assert p.returncode == 2
+    assert "does not exist" in _one_error_line(p.stderr)
+
+
+def test_models_lists_litemedsam_verified(capsys):
+    assert cli.main(["models"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("litemedsam:"))
+    assert "verified" in lines[i + 1] and "not found" not in lines[i + 1]
+    path = lines[i + 1].split("checkpoint:")[1].split("[")[0].strip()
+    assert Path(path).is_file()
+    assert "medsam:" in out and "sam_vit_b:" in out
+
+
+def test_demo_writes_files(use_shared_model, tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    assert cli.main(["demo", "-o", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    mask = out_dir / "busi_malignant_1_mask.tif"
+    png = out_dir / "busi_malignant_1_overlay.png"
+    assert mask.is_file() and png.is_file()
+    assert "encode" in out and "decode" in out and "Dice" in out
+    dice = float(out.split("Dice vs ground truth")[1].split()[0])
+    assert dice > 0.85
+    from PIL import Image
+
+    m = tifffile.imread(mask)
+    with Image.open(png) as im:
+        assert im.size == (449, 598) and im.mode == "RGB"
+    assert m.shape == (598, 449) and m.max() == 1
+
+
+def test_batch_cli_exit_codes(use_shared_model, tmp_path, capsys):
+    rows = [
+        {"image": str(BUSI), "box": BUSI_BOX, "gt": str(SAMPLES / "busi_malignant_1_mask.png"),
+         "gt_select": "component:1", "name": "busi"},
+        {"image": "missing.png", "box": "1,2,30,40", "gt": "", "gt_select": "", "name": "missing"},
+    ]
+    prompts = tmp_path / "p.csv"
+    with open(prompts, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out_dir = tmp_path / "out"
+    rc = cli.main(["batch", str(prompts), "--out-dir", str(out_dir), "--no-progress"])
+    cap = capsys.readouterr()
+    assert rc == 1
+    assert "row 2 (missing)" in cap.err and "does not exist" in cap.err and "Traceback" not in cap.err
+    assert "1 ok, 1 failed" in cap.out
+    assert (out_dir / "busi.tif").is_file() and not (out_dir / "missing.tif").exists()
+    with open(out_dir / "summary.csv", newline="") as f:
+        summary = {r["name"]: r for r in csv.DictReader(f)}
+    assert summary["busi"]["status"] == "ok" and float(summary["busi"]["dice"]) > 0.85
+    assert summary["missing"]["status"] == "error"
+
+    # all rows good -> exit 0
+    with open(prompts, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerow(rows[0])
+    assert cli.main(["batch", str(prompts), "--out-dir", str(tmp_path / "out2"), "--no-progress"]) == 0
+    assert np.array_equal(tifffile.imread(out_dir / "busi.tif"), tifffile.imread(tmp_path / "out2" / "busi.tif"))
+
+
+def test_batch_cli_setup_errors_exit_2(tmp_path, capsys):
+    assert cli.main(["batch", str(tmp_path / "nope.csv"), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path\nx.png\n")
+    assert cli.main(["batch", str(bad), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "lacks the column" in _one_error_line(capsys.readouterr().err)
+
+
+def test_download_unknown_model_exit_2(capsys):
+    assert cli.main(["download", "nosuch"]) == 2
+    assert "unknown model" in _one_error_line(capsys.readouterr().err)

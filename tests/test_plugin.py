@@ -1,0 +1,178 @@
+"""Plugin tests: a real napari viewer, the real model, real mouse events on the canvas.
+
+Run under an X server with OpenGL (``xvfb-run -a pytest`` or pytest-xvfb).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from _gui import drag, pump  # noqa: E402
+
+from napari_medsam._controller import BOXES, LABELS, PREVIEW  # noqa: E402
+from napari_medsam._widget import MedSAMWidget  # noqa: E402
+from napari_medsam.engine.evaluation import dice, load_cases  # noqa: E402
+from napari_medsam.engine.io import read_image  # noqa: E402
+
+pytestmark = pytest.mark.gui
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def _ready(qtbot, widget, timeout=180):
+    qtbot.waitUntil(lambda: widget.controller is not None and widget.controller.image is not None, timeout=timeout * 1000)
+    c = widget.controller
+    fut = c.encoder.request(c.current_index())
+    qtbot.waitUntil(fut.done, timeout=timeout * 1000)
+    return c
+
+
+def _draw(qtbot, viewer, widget, box, steps=8):
+    """Drag a new rectangle over ``box`` = (x0, y0, x1, y1) and wait for its accept."""
+    c = widget.controller
+    n = c.stats["accepts"]
+    image = c.image
+    x0, y0, x1, y1 = box
+    drag(viewer, image, (y0, x0), (y1, x1), steps=steps)
+    qtbot.waitUntil(lambda: c.stats["accepts"] > n, timeout=60_000)
+    return c
+
+
+@pytest.fixture
+def viewer_with(make_napari_viewer, qtbot):
+    def make(image, **kwargs):
+        viewer = make_napari_viewer(show=True)
+        viewer.window._qt_window.resize(1400, 900)
+        layer = viewer.add_image(image, **kwargs)
+        widget = MedSAMWidget(viewer)
+        viewer.window.add_dock_widget(widget, name="MedSAM")
+        c = _ready(qtbot, widget)
+        viewer.reset_view()
+        pump(50)
+        return viewer, layer, widget, c
+
+    return make
+
+
+def test_draw_preview_accept_edit_delete_undo_redo(viewer_with, qtbot, shared_data):
+    cases = {c.case: c for c in load_cases(shared_data, dims=2)}
+    liver = cases["ct2d_sammed2d_demo/amos_0006_90_liver_000"]
+    spleen = cases["ct2d_sammed2d_demo/amos_0006_90_spleen_000"]
+    img = read_image(liver.image).array
+    viewer, layer, widget, c = viewer_with(img, name="CT slice")
+    assert {BOXES, LABELS, PREVIEW} <= {lay.name for lay in viewer.layers}
+    assert viewer.layers[LABELS].data.shape == img.shape[:2]
+
+    previews = []
+    c.preview.events.set_data.connect(lambda e: previews.append(c.preview.data.sum()))
+    _draw(qtbot, viewer, widget, liver.box, steps=12)
+    assert c.stats["preview_updates"] >= 1, "the mask must follow the box during the drag"
+    labels = viewer.layers[LABELS].data
+    first = labels == 1
+    ref = np.load(shared_data / "reference" / f"2D_{liver.name}.npz")["segs"] > 0
+    assert dice(first, ref) >= 0.98  # same threshold as the engine's fidelity test
+    assert dice(first, liver.ground_truth()) >= 0.8
+    assert not c.preview.data.any(), "the preview is cleared once the label is accepted"
+    after_first = labels.copy()
+
+    _draw(qtbot, viewer, widget, spleen.box)
+    assert set(np.unique(labels)) == {0, 1, 2}, "a second object gets a new id"
+    spleen_ref = np.load(shared_data / "reference" / f"2D_{spleen.name}.npz")["segs"] > 0
+    assert dice(labels == 2, spleen_ref) >= 0.98
+    after_second = labels.copy()
+
+    # edit: move the liver box's bottom-right corner outwards -> re-segmented, other object untouched
+    c.boxes.mode = "select"
+    c.boxes.selected_data = {0}
+    x0, y0, x1, y1 = liver.box
+    n = c.stats["accepts"]
+    drag(viewer, layer, (y1, x1), (y1 - 40, x1 - 40), steps=6)
+    qtbot.waitUntil(lambda: c.stats["accepts"] > n, timeout=60_000)
+    edited = labels.copy()
+    assert not np.array_equal(edited == 1, after_second == 1), "editing the box re-segments its object"
+    np.testing.assert_array_equal(edited == 2, after_second == 2)
+
+    c.undo()
+    np.testing.assert_array_equal(labels, after_second)
+    c.undo()
+    np.testing.assert_array_equal(labels, after_first)
+    assert len(c.boxes.data) == 1
+    c.redo()
+    np.testing.assert_array_equal(labels, after_second)
+    c.redo()
+    np.testing.assert_array_equal(labels, edited)
+
+    # delete the spleen box: its label goes, undo brings both back exactly
+    c.boxes.selected_data = {1}
+    c.delete_selected()
+    pump(20)
+    assert 2 not in labels and len(c.boxes.data) == 1
+    c.undo()
+    np.testing.assert_array_equal(labels, edited)
+    assert len(c.boxes.data) == 2
+
+
+def test_rgb_sample_with_scale_and_translate(viewer_with, qtbot, samples, tmp_path):
+    case = next(c for c in load_cases(samples) if c.image.name == "isic_0014270.png")
+    img = read_image(case.image).array
+    viewer, layer, widget, c = viewer_with(img, name="dermoscopy", rgb=True, scale=(0.5, 0.5), translate=(10, -20))
+    assert c.labels.data.shape == img.shape[:2]
+    _draw(qtbot, viewer, widget, case.box)
+    assert dice(c.labels.data == 1, case.ground_truth()) > 0.85
+    DOCS.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(tmp_path / "rgb.png"), canvas_only=False)
+
+
+def test_volume_slice_box_goes_to_that_slice(viewer_with, qtbot, samples):
+    case = next(c for c in load_cases(samples) if c.image.name == "pyradiomics_brain1.nii.gz")
+    vol = read_image(case.image)
+    viewer, layer, widget, c = viewer_with(vol.array, name="MR", scale=vol.spacing)
+    viewer.dims.set_point(0, case.key_slice * vol.spacing[0])
+    pump(50)
+    assert c.current_index() == (case.key_slice,)
+    qtbot.waitUntil(c.encoder.request((case.key_slice,)).done, timeout=120_000)
+    _draw(qtbot, viewer, widget, case.box)
+    labels = c.labels.data
+    assert labels[case.key_slice].any()
+    assert not np.delete(labels, case.key_slice, axis=0).any(), "a 2D box labels only its slice"
+    gt = case.ground_truth()[case.key_slice]
+    assert dice(labels[case.key_slice] == 1, gt) > 0.7
+
+
+def test_missing_checkpoint_is_a_notification_not_a_crash(make_napari_viewer, qtbot, samples, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(read_image(samples / "busi_malignant_1.png").array, name="us")
+    widget = MedSAMWidget(viewer)
+    qtbot.waitUntil(lambda: widget.controller is not None, timeout=120_000)
+    widget.model_combo.setCurrentText("medsam")
+    widget.checkpoint.setText(str(tmp_path / "nope.pth"))
+    widget.start()
+    qtbot.waitUntil(lambda: widget.last_error is not None, timeout=60_000)
+    assert "does not exist" in widget.last_error
+    assert widget.controller is not None, "the working LiteMedSAM session is kept"
+
+    not_an_image = np.zeros((3, 3, 7), np.float32)
+    viewer.add_image(not_an_image, name="junk")
+    widget.model_combo.setCurrentText("litemedsam")
+    widget.checkpoint.setText("")
+    widget.image_combo.setCurrentText("junk")
+    widget.last_error = None
+    widget.start()
+    qtbot.waitUntil(lambda: widget.last_error is not None or "error" in widget.status.text(), timeout=60_000)
+
+
+def test_screenshot_for_readme(viewer_with, qtbot, samples):
+    """The README's screenshot, taken from the real viewer with a mask accepted and one previewing."""
+    case = next(c for c in load_cases(samples) if c.image.name == "busi_malignant_1.png")
+    img = read_image(case.image).array
+    viewer, layer, widget, c = viewer_with(img, name="breast ultrasound")
+    _draw(qtbot, viewer, widget, case.box)
+    assert dice(c.labels.data == 1, case.ground_truth()) > 0.85
+    DOCS.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(DOCS / "widget.png"), canvas_only=False)
+    assert (DOCS / "widget.png").stat().st_size > 10_000
