@@ -74,6 +74,8 @@ class Controller:
         self._restoring = False
         self.stats = {"preview_updates": 0, "latencies": [], "accepts": 0, "last_encode_s": 0.0, "last_decode_s": 0.0}
         self.propagation = None
+        #: callables run (GUI thread) after every accept, edit, delete, propagation, undo and redo
+        self.on_change: List = []
 
     # -- set-up ---------------------------------------------------------------
     def attach(self, image: Image, modality: str = "auto", window=None) -> None:
@@ -269,6 +271,14 @@ class Controller:
         """Record ``edit`` (its ``boxes_after`` = now) and make now the committed state."""
         edit.boxes_after = self._committed = self._snapshot()
         self.history.push(edit)
+        self._changed(edit.name)
+
+    def _changed(self, what: str) -> None:
+        for callback in list(self.on_change):
+            try:
+                callback(what)
+            except Exception as exc:  # e.g. a failing autosave must not break annotation
+                show_error(f"MedSAM: {exc}")
 
     def _set_box_labels(self, labels, idx: Optional[int] = None, label_id: int = 0) -> None:
         """Replace the boxes' label column (optionally setting one row); new boxes default to 0 = new object."""
@@ -347,6 +357,7 @@ class Controller:
         self._committed = edit.boxes_before
         self.labels.refresh()
         self.report(f"undid {edit.name}")
+        self._changed("undo")
 
     def redo(self) -> None:
         edit = self.history.redo()
@@ -359,6 +370,7 @@ class Controller:
         self._committed = edit.boxes_after
         self.labels.refresh()
         self.report(f"redid {edit.name}")
+        self._changed("redo")
 
     # -- 3D ---------------------------------------------------------------------
     def propagate_selected(self, **options) -> None:
