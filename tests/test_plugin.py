@@ -176,3 +176,26 @@ def test_screenshot_for_readme(viewer_with, qtbot, samples):
     DOCS.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(DOCS / "widget.png"), canvas_only=False)
     assert (DOCS / "widget.png").stat().st_size > 10_000
+
+
+def test_propagate_drawn_box_through_volume(viewer_with, qtbot, samples):
+    """Draw one box on the key slice of a real MR volume, propagate, undo in one step."""
+    case = next(c for c in load_cases(samples) if c.image.name == "pyradiomics_brain1.nii.gz")
+    vol = read_image(case.image)
+    viewer, layer, widget, c = viewer_with(vol.array, name="MR", scale=vol.spacing)
+    viewer.dims.set_point(0, case.key_slice * vol.spacing[0])
+    pump(50)
+    qtbot.waitUntil(c.encoder.request((case.key_slice,)).done, timeout=120_000)
+    _draw(qtbot, viewer, widget, case.box)
+    key_only = c.labels.data.copy()
+    c.boxes.selected_data = {0}
+    c.propagate_selected()
+    qtbot.waitUntil(lambda: c.propagation.done.is_set(), timeout=600_000)
+    labels = c.labels.data
+    z_with = np.flatnonzero((labels == 1).any(axis=(1, 2)))
+    assert len(z_with) >= 3, "the object reaches neighbouring slices"
+    assert dice(labels == 1, case.ground_truth()) > 0.5
+    direct = c.model.segment_volume(vol.array, case.box, case.key_slice, modality=c.modality)
+    assert dice(labels == 1, direct) > 0.99, "the viewer gives what the engine API gives"
+    c.undo()
+    np.testing.assert_array_equal(c.labels.data, key_only)

@@ -30,7 +30,7 @@ class Propagation:
         if self.label_id <= 0:
             raise ValueError("accept the box (release it) before propagating")
         self.options = options
-                self.patches = []
+        self.patches = []
         self.done = threading.Event()
         self.slices = 0
         self.error = None
