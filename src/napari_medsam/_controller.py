@@ -95,6 +95,8 @@ class Controller:
             self.preview.data = np.zeros(plane, np.uint8)
         self.preview.scale, self.preview.translate = image.scale[-2:], image.translate[-2:]
         self._preview_mask = np.zeros(plane, bool)
+        if BOXES in self.viewer.layers and self.viewer.layers[BOXES].ndim != len(spatial):
+            self.viewer.layers.remove(BOXES)  # boxes of an image with other dimensions
         self.boxes = self._layer(BOXES, lambda: self._make_boxes(len(spatial)))
         self.boxes.scale, self.boxes.translate = image.scale, image.translate
         self._hook_boxes()
