@@ -7,7 +7,9 @@ Qt signals of :class:`_Bridge` so that layers are only touched in the GUI thread
 
 from __future__ import annotations
 
+import atexit
 import time
+import weakref
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -74,6 +76,9 @@ class Controller:
         self._restoring = False
         self.stats = {"preview_updates": 0, "latencies": [], "accepts": 0, "last_encode_s": 0.0, "last_decode_s": 0.0}
         self.propagation = None
+        self._hooked: Optional[Shapes] = None
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close())
         #: callables run (GUI thread) after every accept, edit, delete, propagation, undo and redo
         self.on_change: List = []
 
@@ -146,16 +151,31 @@ class Controller:
         return layer
 
     def _hook_boxes(self) -> None:
-        if getattr(self.boxes, "_medsam_hooked", False):
+        if self._hooked is self.boxes:
             return
-        self.boxes._medsam_hooked = True
+        self._unhook()
+        self._hooked = self.boxes
         self.boxes.mouse_drag_callbacks.append(self._drag)
         self.boxes.events.mode.connect(self._keep_drag_last)
         self.boxes.events.data.connect(self._on_boxes_data)
-        self.viewer.dims.events.current_step.connect(lambda e: self.request_current())
+        self.viewer.dims.events.current_step.connect(self._on_step)
         self.boxes.bind_key("Control-Z", lambda layer: self.undo(), overwrite=True)
         self.boxes.bind_key("Control-Shift-Z", lambda layer: self.redo(), overwrite=True)
         self.boxes.bind_key("Shift-P", lambda layer: self.propagate_selected(), overwrite=True)
+
+    def _unhook(self) -> None:
+        """Detach from the box layer (a new controller, e.g. after a model change, takes over)."""
+        layer, self._hooked = self._hooked, None
+        if layer is None:
+            return
+        if self._drag in layer.mouse_drag_callbacks:
+            layer.mouse_drag_callbacks.remove(self._drag)
+        layer.events.mode.disconnect(self._keep_drag_last)
+        layer.events.data.disconnect(self._on_boxes_data)
+        self.viewer.dims.events.current_step.disconnect(self._on_step)
+
+    def _on_step(self, event=None) -> None:
+        self.request_current()
 
     def _keep_drag_last(self, event=None) -> None:
         """napari re-appends its mode callback on a mode change; ours must run after it."""
@@ -389,5 +409,12 @@ class Controller:
         self.propagation = start_propagation(self, sel[0], **options)
 
     def close(self) -> None:
+        """Stop the worker threads (waiting for a running forward pass) and let go of the layers."""
+        if self.propagation is not None:
+            self.propagation.cancel()
+        try:
+            self._unhook()
+        except Exception:  # layers or viewer already gone
+            pass
         self.encoder.shutdown()
         self.decoder.shutdown()

@@ -105,9 +105,14 @@ class EncoderService:
         return plane if plane.ndim == 3 else np.repeat(plane[:, :, None], 3, axis=-1)
 
     def shutdown(self) -> None:
+        """Stop the worker: pending requests are cancelled, a running encode finishes."""
         with self._cv:
+            for fut in self._futures.values():
+                fut.cancel()
             self._stop = True
             self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)  # a torch thread alive at interpreter exit aborts the process
 
     # -- worker -----------------------------------------------------------------
     def _prepared(self) -> np.ndarray:

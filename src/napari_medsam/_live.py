@@ -112,6 +112,8 @@ class LatestBoxDecoder:
         with self._cv:
             self._stop = True
             self._cv.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=60)  # a torch thread alive at interpreter exit aborts the process
 
     def _next(self) -> Optional[BoxJob]:
         with self._cv:
