@@ -1,0 +1,511 @@
+"""The "MedSAM session" dock widget: annotate a folder of images one after the other.
+
+It drives a :class:`~napari_medsam.engine.session.LabelingSession` and the main
+MedSAM dock widget (found in the window or opened there): on every image change
+the current image's labels, boxes and record are saved, the next image is loaded
+into a layer, the controller is attached to it, and its saved labels and boxes
+(with their label ids) are put back. Every accept / edit / delete / propagation /
+undo / redo is autosaved in a background thread (latest state wins); paint-brush
+edits are saved a second after the last stroke and on every image change.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+from napari.layers import Labels, Shapes
+from napari.utils.notifications import show_error
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtGui import QColor
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._controller import BOXES, LABELS, PREVIEW
+from ._history import History
+from .engine.session import DONE, IN_PROGRESS, NOT_STARTED, SKIPPED, LabelingSession, boxes_from_layer  # noqa: F401
+
+STATUS_COLORS = {NOT_STARTED: "#a0a0a0", IN_PROGRESS: "#e0b040", DONE: "#50c050", SKIPPED: "#c06060"}
+STATUS_MARKS = {NOT_STARTED: "\u2022", IN_PROGRESS: "\u270e", DONE: "\u2713", SKIPPED: "\u2013"}
+
+
+def _unwrap(obj):
+    """The napari object behind a plugin-facing ``PublicOnlyProxy`` (or ``obj`` itself)."""
+    return getattr(obj, "__wrapped__", obj)
+
+
+def find_main_widget(viewer):
+    """The MedSAM dock widget of ``viewer``'s window; opened there if missing."""
+    from ._widget import MedSAMWidget
+
+    for w in viewer.window.dock_widgets.values():
+        w = getattr(w, "native", w)
+        if isinstance(w, MedSAMWidget):
+            return w
+    try:
+        _, w = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
+        return w
+    except Exception:  # plugin not registered (source tree): dock one directly
+        w = MedSAMWidget(viewer)
+        viewer.window.add_dock_widget(w, name="MedSAM")
+        return w
+
+
+class _Signals(QObject):
+    saved = Signal(object)  # (index, record) or (index, exception)
+
+
+class _Saver:
+    """One background writer thread; per image only the latest pending save runs."""
+
+    def __init__(self, done: Callable[[int, object], None]):
+        self._done = done
+        self._cv = threading.Condition()
+        self._jobs: Dict[int, Callable[[], object]] = {}
+        self._busy = False
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="medsam-session-save", daemon=True)
+        self._thread.start()
+
+    def submit(self, index: int, job: Callable[[], object]) -> None:
+        with self._cv:
+            self._jobs.pop(index, None)
+            self._jobs[index] = job
+            self._cv.notify_all()
+
+    def flush(self, timeout: float = 120.0) -> bool:
+        """Wait until every pending save has been written."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def stop(self) -> None:
+        self.flush()
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._jobs or self._stop)
+                if self._stop and not self._jobs:
+                    return
+                index = next(iter(self._jobs))
+                job = self._jobs.pop(index)
+                self._busy = True
+            try:
+                result = job()
+            except Exception as exc:  # reported in the GUI thread
+                result = exc
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+            self._done(index, result)
+
+
+class SessionWidget(QWidget):
+    """Dock widget: open a folder, go through its images, mark them done or skipped."""
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session: Optional[LabelingSession] = None
+        self.index: Optional[int] = None  # image on screen
+        self.image_layer = None
+        self.main = None
+        self.last_error: Optional[str] = None
+        self._dirty = False
+        self._switching = False
+        self._signals = _Signals()
+        self._signals.saved.connect(self._on_saved)
+        self._saver = _Saver(lambda i, r: self._signals.saved.emit((i, r)))
+        self._paint_timer = QTimer(self, singleShot=True, interval=1000)
+        self._paint_timer.timeout.connect(lambda: self.save_current(background=True))
+
+        self.input_edit = QLineEdit(placeholderText="image folder or list file", toolTip="Folder of images (PNG/JPG/TIFF/NIfTI/DICOM folders) or a text file listing them")
+        in_btn = QPushButton("...", toolTip="Choose the image folder")
+        in_btn.clicked.connect(self._browse_input)
+        self.output_edit = QLineEdit(placeholderText="output folder (default: <input>-medsam)", toolTip="Labels, records and session.json go here; an existing session is resumed")
+        out_btn = QPushButton("...", toolTip="Choose the output folder")
+        out_btn.clicked.connect(self._browse_output)
+        self.open_btn = QPushButton("Open session", toolTip="List the images and resume where the output folder left off")
+        self.prev_btn = QPushButton("\u25c0 Previous", toolTip="Save and go to the previous image")
+        self.next_btn = QPushButton("Next \u25b6", toolTip="Save and go to the next image")
+        self.jump_spin = QSpinBox(minimum=1, maximum=1, toolTip="Image number")
+        self.jump_btn = QPushButton("Go", toolTip="Save and go to the image number on the left")
+        self.done_btn = QPushButton("Mark done", toolTip="Save, mark this image done and go to the next one")
+        self.skip_btn = QPushButton("Skip", toolTip="Mark this image skipped (left out of the export) and go to the next one")
+        self.progress = QLabel("no session")
+        self.list = QListWidget(toolTip="Images and their status; click one to go there")
+        self.status = QLabel("", wordWrap=True)
+
+        form = QFormLayout()
+        for label, edit, btn in (("images", self.input_edit, in_btn), ("output", self.output_edit, out_btn)):
+            row = QHBoxLayout()
+            row.addWidget(edit)
+            row.addWidget(btn)
+            form.addRow(label, row)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.open_btn)
+        nav = QHBoxLayout()
+        for w in (self.prev_btn, self.next_btn, self.jump_spin, self.jump_btn):
+            nav.addWidget(w)
+        layout.addLayout(nav)
+        mark = QHBoxLayout()
+        mark.addWidget(self.done_btn)
+        mark.addWidget(self.skip_btn)
+        layout.addLayout(mark)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.list)
+        layout.addWidget(self.status)
+
+        self.open_btn.clicked.connect(lambda: self.open_session())
+        self.prev_btn.clicked.connect(self.previous)
+        self.next_btn.clicked.connect(self.next)
+        self.jump_btn.clicked.connect(lambda: self.go(self.jump_spin.value() - 1))
+        self.done_btn.clicked.connect(self.mark_done)
+        self.skip_btn.clicked.connect(self.skip)
+        self.list.itemClicked.connect(lambda item: self.go(self.list.row(item)))
+        self._enable(False)
+
+    # -- helpers ------------------------------------------------------------------
+    def _browse_input(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Image folder", self.input_edit.text())
+        if path:
+            self.input_edit.setText(path)
+
+    def _browse_output(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Output folder", self.output_edit.text())
+        if path:
+            self.output_edit.setText(path)
+
+    def _enable(self, on: bool) -> None:
+        for w in (self.prev_btn, self.next_btn, self.jump_spin, self.jump_btn, self.done_btn, self.skip_btn):
+            w.setEnabled(on)
+
+    def _error(self, text: str) -> None:
+        self.last_error = text
+        try:
+            self.status.setText(f"error: {text}")
+        except RuntimeError:  # the widget is being deleted
+            pass
+        show_error(f"MedSAM session: {text}")
+
+    @property
+    def controller(self):
+        return None if self.main is None else self.main.controller
+
+    def _attached(self):
+        """The controller if it is attached to the session's image, else None."""
+        c = self.controller
+        if c is not None and self.image_layer is not None and _unwrap(c.image) is _unwrap(self.image_layer):
+            return c
+        return None
+
+    # -- session --------------------------------------------------------------------
+    def open_session(self, input: Optional[str] = None, output: Optional[str] = None) -> Optional[LabelingSession]:
+        """Open (or resume) a session from the line edits (or the arguments) and show its current image."""
+        input = (input if input is not None else self.input_edit.text()).strip() or None
+        output = (output if output is not None else self.output_edit.text()).strip() or None
+        if output is None:
+            if input is None:
+                self._error("choose an image folder (or an output folder holding a session)")
+                return None
+            p = Path(input).expanduser()
+            output = str(p.parent / f"{p.stem if p.is_file() else p.name}-medsam")
+            self.output_edit.setText(output)
+        self.close_session()
+        try:
+            session = LabelingSession(input, output)
+        except Exception as exc:
+            self._error(str(exc))
+            return None
+        self.session = session
+        self.input_edit.setText(str(session.input))
+        self.main = find_main_widget(self.viewer)
+        # in the loader thread, before the model encodes anything: the session's cache
+        self.main._loader.loaded.connect(self._use_session_cache, Qt.DirectConnection)
+        self.main._loader.loaded.connect(self._on_model_loaded)  # GUI thread, after the main widget's own slot
+        self._hook_controller()
+        self.jump_spin.setMaximum(len(session))
+        self._enable(True)
+        self._refresh()
+        self._show(session.position)
+        return session
+
+    def close_session(self) -> None:
+        """Save the image on screen, wait for pending writes, let go of the controller."""
+        if self.session is None:
+            return
+        try:
+            self._settle()
+            self.save_current()
+        except Exception as exc:  # e.g. the viewer is already gone
+            self._error(f"could not save on close: {exc}")
+        self._saver.flush()
+        c = self.controller
+        if c is not None and self._on_change in c.on_change:
+            c.on_change.remove(self._on_change)
+        if self.main is not None:
+            for slot in (self._on_model_loaded, self._use_session_cache):
+                try:
+                    self.main._loader.loaded.disconnect(slot)
+                except (TypeError, RuntimeError):
+                    pass
+        self.session = None
+        self.index = None
+        self._enable(False)
+
+    def _use_session_cache(self, model, error) -> None:
+        """Give a freshly loaded model the session's embedding cache (no Qt here: loader thread)."""
+        session = self.session
+        if model is not None and session is not None:
+            model.cache = session.embedding_cache(max_bytes=getattr(model.cache, "max_bytes", 1 << 30))
+
+    def _on_model_loaded(self, model, error) -> None:
+        if error is None:
+            self._hook_controller()
+
+    def _hook_controller(self) -> None:
+        c = self.controller
+        if c is None or self.session is None:
+            return
+        if self._on_change not in c.on_change:
+            c.on_change.append(self._on_change)
+        cache = self.session.embedding_cache(max_bytes=getattr(c.model.cache, "max_bytes", 1 << 30))
+        c.model.cache = cache  # embeddings of the session persist in OUT/.embeddings
+
+    # -- navigation -------------------------------------------------------------------
+    def go(self, index: int) -> None:
+        """Save the image on screen, then show image ``index``."""
+        if self.session is None or not 0 <= index < len(self.session) or index == self.index or self._switching:
+            return
+        self._switching = True
+        try:
+            self._settle()
+            self.save_current()
+            self._saver.flush()
+            self.session.jump(index)
+            self._show(index)
+        finally:
+            self._switching = False
+
+    def _settle(self, timeout: float = 60.0) -> None:
+        """Let an accept in flight land and stop a running propagation before the layers go."""
+        c = self._attached()
+        if c is None:
+            return
+        from qtpy.QtWidgets import QApplication
+
+        prop = c.propagation
+        if prop is not None and not prop.done.is_set():
+            prop.cancel()
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and not (c.decoder.idle() and (prop is None or prop.done.is_set())):
+            QApplication.processEvents()
+            time.sleep(0.005)
+        QApplication.processEvents()  # deliver the last results (queued signals)
+
+    def next(self) -> None:
+        if self.session is not None:
+            self.go(min(self.index + 1, len(self.session) - 1))
+
+    def previous(self) -> None:
+        if self.session is not None:
+            self.go(max(self.index - 1, 0))
+
+    def mark_done(self) -> None:
+        self._mark(DONE)
+
+    def skip(self) -> None:
+        self._mark(SKIPPED)
+
+    def _mark(self, status: str) -> None:
+        if self.session is None or self.index is None:
+            return
+        self._settle()
+        if status == DONE or self._dirty:  # a done image always has a labels file (maybe empty)
+            self.save_current(force=True, status=status)
+            self._saver.flush()
+        else:
+            self.session.set_status(self.index, status)
+        self._refresh()
+        if self.index < len(self.session) - 1:
+            self.go(self.index + 1)
+
+    # -- showing an image ---------------------------------------------------------------
+    def _show(self, index: int) -> None:
+        s = self.session
+        try:
+            img = s.read(index)
+        except Exception as exc:
+            self._error(f"{s.items[index].name}: {exc}")
+            return
+        labels = s.load_labels(index)
+        record = s.load_record(index) or {}
+        data, types, ids = s.layer_state(index)
+        info = s.info(index)
+        for name in (LABELS, BOXES, PREVIEW):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        if self.image_layer is not None and self.image_layer.name in self.viewer.layers:
+            self.viewer.layers.remove(self.image_layer.name)
+        kwargs = {"name": s.items[index].name, "metadata": {"medsam_source": str(s.items[index].path), **img.meta}}
+        if img.affine is not None:
+            kwargs["metadata"]["affine"] = img.affine
+        if img.spacing is not None:
+            kwargs["scale"] = tuple(img.spacing)
+        self.image_layer = self.viewer.add_image(img.array, rgb=img.kind == "rgb", **kwargs)
+        lab = np.zeros(info.shape, np.uint32) if labels is None else labels.astype(np.uint32)
+        labels_layer = self.viewer.add_layer(Labels(lab, name=LABELS, scale=self.image_layer.scale, translate=self.image_layer.translate))
+        labels_layer.events.paint.connect(self._on_paint)
+        boxes = Shapes(ndim=len(info.shape), name=BOXES, edge_color="yellow", face_color="transparent", edge_width=2,
+                       features={"label": np.zeros(0, np.int64)}, scale=self.image_layer.scale, translate=self.image_layer.translate)
+        if data:
+            boxes.add(data, shape_type=types)
+        boxes.features = {"label": np.asarray(ids, np.int64)}
+        boxes.feature_defaults = {"label": 0}
+        self.viewer.add_layer(boxes)
+        self.index = index
+        self._dirty = False
+        if img.kind == "volume":
+            z = next((int(b["slice"]) for b in record.get("boxes", []) if b.get("slice") is not None), img.array.shape[0] // 2)
+            self.viewer.dims.set_point(0, self.image_layer.data_to_world([z, 0, 0])[0])
+        self._attach(record)
+        self.viewer.reset_view()
+        self._refresh()
+
+    def _attach(self, record: dict) -> None:
+        """Point the main widget at the new image (loading the model the first time)."""
+        m = self.main
+        inten = record.get("intensity") or {}
+        choice = inten.get("choice")
+        if choice and m.intensity_combo.findText(choice) >= 0:
+            m.intensity_combo.setCurrentText(choice)
+            if choice == "CT level/width" and inten.get("window"):
+                m.level.setValue(float(inten["window"][0]))
+                m.width.setValue(float(inten["window"][1]))
+        m._refresh_images()
+        m.image_combo.setCurrentText(self.image_layer.name)
+        m.label_spin.blockSignals(True)
+        m.label_spin.setValue(1)
+        m.label_spin.blockSignals(False)
+        c = m.controller
+        if c is not None:
+            c.next_label = 1  # attach raises it past the restored ids
+            c.history = History()  # undo never reaches into another image
+        elif m._model_key is not None:
+            return  # the model is loading: the main widget attaches the chosen image when it is ready
+        m.start()
+        self._hook_controller()
+
+    # -- saving ---------------------------------------------------------------------
+    def _on_change(self, what: str) -> None:
+        if self._attached() is not None:
+            self._dirty = True
+            self.save_current(background=True)
+
+    def _on_paint(self, event=None) -> None:
+        self._dirty = True
+        self._paint_timer.start()
+
+    def _snapshot(self):
+        """(labels copy, record) of the image on screen, taken in the GUI thread."""
+        labels = np.array(self.viewer.layers[LABELS].data, copy=True)
+        boxes_layer = self.viewer.layers[BOXES]
+        boxes = boxes_from_layer(boxes_layer.data, boxes_layer.shape_type, boxes_layer.features["label"].to_numpy())
+        record = {"boxes": boxes}
+        c = self._attached()
+        if c is not None:
+            m = self.main
+            record["model"] = {"name": c.model.name, "checkpoint": c.model.checkpoint}
+            record["intensity"] = {"modality": c.modality, "window": c.window, "choice": m.intensity_combo.currentText()}
+        else:  # the model never ran on this image: keep what the record said
+            old = self.session.load_record(self.index) or {}
+            for key in ("model", "intensity"):
+                if old.get(key):
+                    record[key] = old[key]
+        return labels, record
+
+    def save_current(self, background: bool = False, force: bool = False, status: Optional[str] = None) -> None:
+        """Save the image on screen if it changed since it was shown (``force``: always)."""
+        if self.session is None or self.index is None or not (self._dirty or force):
+            return
+        if LABELS not in self.viewer.layers or BOXES not in self.viewer.layers:
+            return
+        self._paint_timer.stop()
+        session, index = self.session, self.index
+        try:
+            labels, record = self._snapshot()
+        except Exception as exc:
+            self._error(f"cannot read the layers to save: {exc}")
+            return
+        self._dirty = False
+        self._saver.submit(index, lambda: session.save(index, labels, record, status=status))
+        if not background:
+            self._saver.flush()
+
+    def _on_saved(self, item) -> None:
+        index, result = item
+        if isinstance(result, Exception):
+            self._dirty = True  # try again on the next change
+            self._error(f"saving failed: {result}")
+            return
+        try:
+            name = self.session.items[index].name if self.session else str(index)
+            self.status.setText(f"saved {name} ({len(result.get('objects', []))} objects)")
+            self._refresh()
+        except RuntimeError:  # widget already deleted
+            pass
+
+    # -- display ------------------------------------------------------------------------
+    def _refresh(self) -> None:
+        s = self.session
+        if s is None:
+            self.progress.setText("no session")
+            self.list.clear()
+            return
+        self.progress.setText(s.progress_text())
+        self.list.blockSignals(True)
+        if self.list.count() != len(s):
+            self.list.clear()
+            for _ in s.items:
+                self.list.addItem(QListWidgetItem())
+        for i, it in enumerate(s.items):
+            item = self.list.item(i)
+            item.setText(f"{STATUS_MARKS[it.status]} {i + 1}. {it.name} \u2014 {it.status}")
+            item.setForeground(QColor(STATUS_COLORS[it.status]))
+            f = item.font()
+            f.setBold(i == self.index)
+            item.setFont(f)
+        if self.index is not None:
+            self.list.setCurrentRow(self.index)
+            self.jump_spin.setValue(self.index + 1)
+        self.list.blockSignals(False)
+        if self.index is not None:
+            self.prev_btn.setEnabled(self.index > 0)
+            self.next_btn.setEnabled(self.index < len(s) - 1)
+
+    def status_of(self, index: int) -> str:
+        return self.session.status(index) if self.session else NOT_STARTED
+
+    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        try:
+            self.close_session()
+        finally:
+            super().closeEvent(event)
