@@ -1,0 +1,167 @@
+"""3D propagation accuracy on the shared 3D cases: ours vs the authors' reference masks.
+
+Usage::
+
+    PYTHONPATH=src python benchmarks/accuracy_3d.py [--data DIR] [--cache-dir DIR] [--tune] [--markdown]
+
+For every 3D row of ``DATA/cases.csv`` it runs the propagation once with no stop
+rule over the whole volume (``StopRule.never()``, start at the key slice) and keeps
+the per-slice trace. Because a direction's masks only depend on the slices before
+it, any stop rule or ``z_range`` is a truncation of that trace, so stop rules can be
+compared (``--tune``) at decoder cost only. The default rule is then also run for
+real through :func:`segment_volume` (with and without the case's ``z_range``) and
+checked against the simulation. The authors' masks are read from
+``DATA/reference/3D_<case>.npz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from napari_medsam.engine.cache import EmbeddingCache
+from napari_medsam.engine.evaluation import dice, load_cases
+from napari_medsam.engine.io import read_image
+from napari_medsam.engine.predictor import MedSAM
+from napari_medsam.engine.volume import DEFAULT_STOP, StopRule, propagate, volume_to_uint8
+
+#: cases.csv modality -> (modality argument, window)
+MODALITY = {"ct": ("ct", (40, 400)), "ct-windowed": ("uint8", None), "mr": ("mr", None), "fluorescence": ("mr", None)}
+PSEUDO_GT = ("ct3d_mr3d_totalseg_examples", "microscopy3d_cells3d_nuclei_napari")
+
+
+def default_data() -> Path:
+    env = os.environ.get("MEDSAM_SHARED_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def simulate(trace_mask, records, key, rule: StopRule, z_range=None):
+    """The mask ``propagate`` would give with ``rule`` (and ``z_range``), from a never-stop trace."""
+    out = np.zeros_like(trace_mask)
+    out[key] = trace_mask[key]
+    key_rec = next(r for r in records if r["direction"] == "key")
+    ref = key_rec["mean"] if key_rec["area"] else None
+    for d in ("up", "down"):
+        prev_area = key_rec["area"]
+        for r in (r for r in records if r["direction"] == d):
+            z = r["z"]
+            if z_range is not None and not z_range[0] <= z <= z_range[1]:
+                break
+            if r["prompt"] == "fallback" and rule.stop_on_empty:
+                break
+            reason = rule.check(r["area"], prev_area, r["iou"], r["mean"], ref)
+            if reason is None or (rule.keep_last and reason != "empty"):
+                out[z] = trace_mask[z]
+            if reason is not None:
+                break
+            prev_area = r["area"]
+    return out
+
+
+def per_modality(rows, key):
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["modality"]].append(r[key])
+    return {m: float(np.mean(v)) for m, v in sorted(groups.items())}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=default_data())
+    ap.add_argument("--cache-dir", type=Path, default=None, help="disk embedding cache (re-runs skip the encoder)")
+    ap.add_argument("--tune", action="store_true", help="grid-search stop rules on the traces")
+    ap.add_argument("--json", type=Path, default=None, help="write per-case results here")
+    args = ap.parse_args(argv)
+
+    if not (args.data / "cases.csv").is_file():
+        sys.exit(f"no cases.csv in {args.data} (set --data or MEDSAM_SHARED_DATA)")
+    cache = EmbeddingCache(max_bytes=2 << 30, disk_dir=args.cache_dir) if args.cache_dir else EmbeddingCache(max_bytes=2 << 30)
+    model = MedSAM.load("litemedsam", device="cpu", cache=cache)
+    cases = load_cases(args.data, dims=3)
+    volumes = {}
+    rows, traces = [], {}
+    t_all = time.perf_counter()
+    for c in cases:
+        mod, win = MODALITY[c.modality]
+        if c.image not in volumes:
+            volumes[c.image] = read_image(c.image).array
+        vol = volumes[c.image]
+        gt = c.ground_truth()
+        u8, _, _ = volume_to_uint8(vol, mod, win)
+        t0 = time.perf_counter()
+        tr = propagate(model, None, c.box, c.key_slice, stop=StopRule.never(), volume_u8=u8)
+        recs = [dict(z=s.z, direction=s.direction, prompt=s.prompt, area=s.area, iou=s.iou, mean=s.mean) for s in tr.slices]
+        traces[c.case] = (tr.mask, recs, gt)
+        ref = np.load(args.data / "reference" / f"3D_{c.name}.npz")["segs"] > 0
+        row = dict(case=c.case, modality=c.modality, pseudo=c.case.startswith(PSEUDO_GT), z_range=c.z_range, key=c.key_slice,
+                   ref=dice(ref, gt), encoded=tr.n_encoded, trace_s=time.perf_counter() - t0)
+        # ours, for real, default rule: no z_range (viewer user) and with the case's z_range
+        st = propagate(model, vol, c.box, c.key_slice, modality=mod, window=win)
+        sz = propagate(model, vol, c.box, c.key_slice, modality=mod, window=win, z_range=c.z_range)
+        row.update(ours=dice(st.mask, gt), ours_z=dice(sz.mask, gt), extent=st.z_extent, stopped=st.stopped,
+                   reencoded=st.n_encoded + sz.n_encoded)
+        sim = simulate(tr.mask, recs, c.key_slice, DEFAULT_STOP)
+        row["sim_matches"] = bool((sim == st.mask).all())
+        rows.append(row)
+        print(f"{c.case:70s} ref {row['ref']:.3f} ours {row['ours']:.3f} ours+z {row['ours_z']:.3f} "
+              f"extent {row['extent']} gt {c.z_range} stop {st.stopped} enc {tr.n_encoded}+{row['reencoded']}", flush=True)
+    print(f"total {time.perf_counter() - t_all:.0f} s")
+    if not all(r["sim_matches"] for r in rows):
+        print("WARNING: simulation differs from the real run for", [r["case"] for r in rows if not r["sim_matches"]])
+
+    print("\n| modality | n | authors (z-range given) | ours, no z-range | ours, z-range given |")
+    print("|---|---|---|---|---|")
+    ref_m, ours_m, oz_m = per_modality(rows, "ref"), per_modality(rows, "ours"), per_modality(rows, "ours_z")
+    for m in ref_m:
+        n = sum(r["modality"] == m for r in rows)
+        print(f"| {m} | {n} | {ref_m[m]:.3f} | {ours_m[m]:.3f} | {oz_m[m]:.3f} |")
+    allm = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    print(f"| all | {len(rows)} | {allm('ref'):.3f} | {allm('ours'):.3f} | {allm('ours_z'):.3f} |")
+    print("\n| dataset | n | authors | ours, no z-range | ours, z-range |")
+    print("|---|---|---|---|---|")
+    by_ds = defaultdict(list)
+    for r in rows:
+        by_ds[r["case"].split("/")[0] + ("-" + r["modality"] if "totalseg" in r["case"] else "")].append(r)
+    for ds, rs in sorted(by_ds.items()):
+        mean = lambda k: float(np.mean([r[k] for r in rs]))  # noqa: E731
+        print(f"| {ds} | {len(rs)} | {mean('ref'):.3f} | {mean('ours'):.3f} | {mean('ours_z'):.3f} |")
+
+    if args.tune:
+        keys = {c.case: (c.key_slice, c.z_range) for c in cases}
+        grid = []
+        for ar, iou, shift, floor, keep in itertools.product(
+            [0, 0.2, 0.4], [0, 0.5, 0.6, 0.7], [None, 0.25, 0.3, 0.35, 0.4, 0.5], [20, 30, 40], [False, True]
+        ):
+            if shift is None and floor != 30:
+                continue
+            rule = StopRule(min_area_ratio=ar, min_iou=iou, max_intensity_shift=shift, intensity_shift_floor=floor, keep_last=keep)
+            d = {c: dice(simulate(m, r, keys[c][0], rule), g) for c, (m, r, g) in traces.items()}
+            dz = {c: dice(simulate(m, r, keys[c][0], rule, keys[c][1]), g) for c, (m, r, g) in traces.items()}
+            mods = defaultdict(list)
+            for row in rows:
+                mods[row["modality"]].append(d[row["case"]])
+            grid.append((float(np.mean(list(d.values()))), float(np.mean([np.mean(v) for v in mods.values()])),
+                         float(np.mean(list(dz.values()))), rule, {k: round(float(np.mean(v)), 3) for k, v in mods.items()}))
+        grid.sort(key=lambda g: -g[0])
+        print("\nmean(all) mean(per-modality) mean(all, z_range) rule per-modality")
+        for g in grid[:25]:
+            r = g[3]
+            print(f"{g[0]:.3f} {g[1]:.3f} {g[2]:.3f}  area {r.min_area_ratio} iou {r.min_iou} shift {r.max_intensity_shift} "
+                  f"floor {r.intensity_shift_floor} keep {r.keep_last} {g[4]}")
+        never = StopRule.never()
+        dn = [dice(simulate(m, r, keys[c][0], never), g) for c, (m, r, g) in traces.items()]
+        print(f"never stop, whole volume: {np.mean(dn):.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
