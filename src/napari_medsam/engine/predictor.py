@@ -56,7 +56,7 @@ class MedSAM:
         mask = model.segment(emb, box=(x0, y0, x1, y1))
     """
 
-    def __init__(self, spec: ModelSpec, module: torch.nn.Module, device: torch.device, cache: Optional[EmbeddingCache] = None, checkpoint: Optional[str] = None):
+    def __init__(self, spec: ModelSpec, module: torch.nn.Module, device: torch.device, cache: Optional[EmbeddingCache] = None, checkpoint: Optional[str] = None, fast=None):
         self.spec = spec
         self.name = spec.name
         self.recipe = spec.recipe()
@@ -69,6 +69,11 @@ class MedSAM:
         self._lock = threading.Lock()  # one forward pass at a time per model
         with torch.inference_mode():
             self._dense_pe = self.module.prompt_encoder.get_dense_pe()
+        self.fast = None  # opt-in CPU fast paths (engine/fast.py); None = the authors' numerics
+        if fast:
+            from .fast import accelerate, fast_options
+
+            accelerate(self, **fast_options(fast))
 
     @classmethod
     def load(
@@ -80,6 +85,7 @@ class MedSAM:
         weights: str = "pretrained",
         allow_download: bool = False,
         cache: Optional[EmbeddingCache] = None,
+        fast=None,
     ) -> "MedSAM":
         """Build a registered model and load its weights.
 
@@ -91,6 +97,9 @@ class MedSAM:
                 no weights can be had).
             allow_download: fetch missing weights from their known address (never by default).
             cache: share an :class:`EmbeddingCache` between models or sessions.
+            fast: opt-in CPU speed-ups for LiteMedSAM (see ``engine/fast.py``): ``True``
+                for the measured winners, an encoder name (``fused``, ``onnx``...) or a
+                dict of :func:`engine.fast.accelerate` arguments. Default: off.
         """
         spec = get_spec(name)
         module = spec.build()
@@ -100,7 +109,7 @@ class MedSAM:
             load_weights(module, path, spec.name)
         elif weights != "random":
             raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
-        return cls(spec, module, pick_device(device), cache, str(path) if path else None)
+        return cls(spec, module, pick_device(device), cache, str(path) if path else None, fast=fast)
 
     # -- encoding ---------------------------------------------------------
     def prepare(self, image, modality: str = "auto", window: WindowLike = None) -> np.ndarray:
@@ -127,6 +136,8 @@ class MedSAM:
     def embed_rgb(self, rgb: np.ndarray, use_cache: bool = True) -> Embedding:
         """Encode an already prepared (H, W, 3) uint8 image."""
         key = embedding_key(self.name, rgb)
+        if self.fast is not None:
+            key += self.fast.key_suffix  # lossy fast encoders never share cache entries
         if use_cache:
             hit = self.cache.get(key)
             if hit is not None:
@@ -134,7 +145,8 @@ class MedSAM:
         x, resized = self.recipe.preprocess(rgb)
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
-            feats = self.module.image_encoder(x.to(self.device))
+            fast_enc = self.fast.encoder if self.fast is not None else None
+            feats = (self.module.image_encoder if fast_enc is None else fast_enc)(x.to(self.device))
         self.last_encode_s = time.perf_counter() - t0
         emb = Embedding(feats, tuple(rgb.shape[:2]), resized, self.name, key)
         return self.cache.put(emb) if use_cache else emb
@@ -155,16 +167,19 @@ class MedSAM:
         box_t = self.recipe.scale_boxes(boxes, embedding.original_size, embedding.resized).to(self.device)
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
-            feats = embedding.features.to(self.device, torch.float32)
-            sparse, dense = self.module.prompt_encoder(points=None, boxes=box_t[:, None, :], masks=None)
-            logits, iou = self.module.mask_decoder(
-                image_embeddings=feats,
-                image_pe=self._dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            masks = self.recipe.postprocess(logits, embedding.resized, embedding.original_size, region)
+            if self.fast is not None and self.fast.decoder is not None:
+                masks, iou = self.fast.decode(self, embedding, box_t, region)
+            else:
+                feats = embedding.features.to(self.device, torch.float32)
+                sparse, dense = self.module.prompt_encoder(points=None, boxes=box_t[:, None, :], masks=None)
+                logits, iou = self.module.mask_decoder(
+                    image_embeddings=feats,
+                    image_pe=self._dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=False,
+                )
+                masks = self.recipe.postprocess(logits, embedding.resized, embedding.original_size, region)
         self.last_decode_s = time.perf_counter() - t0
         return Prediction(masks.cpu().numpy(), iou[:, 0].float().cpu().numpy(), boxes)
 

@@ -1,0 +1,343 @@
+"""Speed of the opt-in fast paths (engine/fast.py) against the authors' pipeline (issue #6).
+
+    python benchmarks/speed.py                  # 100 boxes + 8 encodes, agreement on the dev cases
+    python benchmarks/speed.py --quick          # 30 boxes, 4 encodes, samples only
+
+Every variant is timed in the same process, interleaved with the authors' pipeline
+(``benchmarks/run.py``: ``authors_encode`` / ``authors_decode``) and with the default
+path, so all see the same (noisy, 2-core, shared) machine. Ratios are variant /
+authors'. Agreement: masks of each variant against the authors' fp32 masks on the
+2D dev cases (``/work/shared/data`` if present, else the bundled samples).
+Prints a markdown table and writes a section to docs/benchmarks_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run import authors_decode, authors_encode, machine, stats  # noqa: E402
+
+SHARED = Path(os.environ.get("MEDSAM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+ENCODER_VARIANTS = {  # label -> encoder kind (library ones: engine/fast.py; the rest built here)
+    "fused TinyViT (conv-BN folded, SDPA)": "fused",
+    "ONNX Runtime fp32 (fused TinyViT)": "onnx",
+    "experimental: TorchScript trace + freeze": "trace",
+    "experimental: torch.ao int8 dynamic Linear": "torch-int8",
+    "experimental: ONNX Runtime int8 dynamic MatMul": "onnx-int8",
+    "experimental: torch.compile (inductor, freezing)": "compile",
+}
+
+
+def experimental_encoder(base, kind):
+    """Encoders measured but not offered by engine/fast.py (they lose agreement or gain nothing)."""
+    from torch import nn
+
+    from napari_medsam.engine import fast as F
+
+    fused = F.fuse_tinyvit(base.module.image_encoder)
+    if kind == "trace":
+        tr = torch.jit.trace(fused, torch.zeros(1, 3, 256, 256), check_trace=False)
+        return torch.jit.optimize_for_inference(torch.jit.freeze(tr.eval()))
+    if kind == "torch-int8":
+        from torch.ao.quantization import quantize_dynamic
+
+        return quantize_dynamic(fused, {nn.Linear}, dtype=torch.qint8)
+    if kind == "onnx-int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        path = F.export_onnx(fused)
+        qpath = path.replace(".onnx", "-int8.onnx")
+        if not os.path.exists(qpath):
+            quantize_dynamic(path, qpath, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+        return F.OrtEncoder(qpath)
+    if kind == "compile":
+        if F.triton_blocked():
+            raise RuntimeError("triton import is blocked in this process (OpenGL context)")
+        import torch._inductor.config as ic
+
+        ic.freezing = True
+        c = torch.compile(fused)
+        with torch.inference_mode():
+            c(torch.zeros(1, 3, 256, 256))
+        return c
+    raise ValueError(kind)
+
+
+def facade(base, **fast):
+    """A second MedSAM over the same weights, with its own cache and fast paths."""
+    from napari_medsam import MedSAM
+    from napari_medsam.engine.cache import EmbeddingCache
+
+    return MedSAM(base.spec, base.module, base.device, EmbeddingCache(), base.checkpoint, fast=fast or None)
+
+
+def random_boxes(n, size=512, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x0, y0 = rng.integers(0, size - 112, 2)
+        w, h = rng.integers(15, 110, 2)
+        out.append((int(x0), int(y0), int(min(size - 1, x0 + w)), int(min(size - 1, y0 + h))))
+    return out
+
+
+def bench_decoder(base, fast, rgb, boxes):
+    """Per-box times (s) of: authors', default predict, fast full-plane, fast auto-region, fast preview region."""
+    from napari_medsam._live import preview_region
+    from napari_medsam.engine.evaluation import dice
+
+    emb = base.embed_rgb(rgb)
+    a_emb, new_hw = authors_encode(base.module, rgb)
+    f_emb = fast.embed_rgb(rgb)
+    fast_full = facade(base, encoder=None, decoder="fused", auto_region=False)
+    ff_emb = fast_full.embed_rgb(rgb)
+    fast_full.predict(ff_emb, boxes[0])  # per-image precompute, reported apart
+    t = time.perf_counter()
+    fast.fast.decoder.clear()
+    fast.predict(f_emb, boxes[0])
+    first = time.perf_counter() - t
+    fast_nt = facade(base, encoder=None, decoder="fused", decoder_threads=None)
+    nt_emb = fast_nt.embed_rgb(rgb)
+    fast_nt.predict(nt_emb, boxes[0])
+    nthreads = torch.get_num_threads()
+    rows = {k: [] for k in ("authors", "authors 1t", "default", "fast full", "fast auto", "fast auto nt", "fast region")}
+    dices = {k: [] for k in ("fast full", "fast auto", "fast region")}
+    same_as_authors = 0
+    for b in boxes:  # interleaved: every variant sees the same machine state
+        t = time.perf_counter()
+        ref_a = authors_decode(base.module, a_emb, b, rgb.shape[:2], new_hw)
+        rows["authors"].append(time.perf_counter() - t)
+        torch.set_num_threads(1)
+        t = time.perf_counter()
+        authors_decode(base.module, a_emb, b, rgb.shape[:2], new_hw)
+        rows["authors 1t"].append(time.perf_counter() - t)
+        torch.set_num_threads(nthreads)
+        t = time.perf_counter()
+        ref = base.predict(emb, b).masks[0]
+        rows["default"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        m_full = fast_full.predict(ff_emb, b).masks[0]
+        rows["fast full"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        m_auto = fast.predict(f_emb, b).masks[0]
+        rows["fast auto"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fast_nt.predict(nt_emb, b)
+        rows["fast auto nt"].append(time.perf_counter() - t)
+        reg = preview_region(b, rgb.shape[:2])
+        t = time.perf_counter()
+        m_reg = fast.predict(f_emb, b, region=reg).masks[0]
+        rows["fast region"].append(time.perf_counter() - t)
+        y0, y1, x0, x1 = reg
+        same_as_authors += int(np.array_equal(ref_a.astype(bool), ref))
+        dices["fast full"].append(dice(m_full, ref))
+        dices["fast auto"].append(dice(m_auto, ref))
+        dices["fast region"].append(dice(m_reg, ref[y0:y1, x0:x1]))
+    return rows, dices, first, same_as_authors
+
+
+def bench_encoder(base, variants, rgb, n):
+    rows = {k: [] for k in ["authors", "default"] + list(variants)}
+    for i in range(n):
+        shifted = np.ascontiguousarray(np.roll(rgb, i + 1, axis=0))
+        t = time.perf_counter()
+        authors_encode(base.module, shifted)
+        rows["authors"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        base.embed_rgb(shifted, use_cache=False)
+        rows["default"].append(time.perf_counter() - t)
+        for k, m in variants.items():
+            t = time.perf_counter()
+            m.embed_rgb(shifted, use_cache=False)
+            rows[k].append(time.perf_counter() - t)
+    return rows
+
+
+def dev_cases(limit_images=None):
+    from napari_medsam.engine.evaluation import load_cases
+
+    root = SHARED if (SHARED / "cases.csv").exists() else ROOT / "src" / "napari_medsam" / "samples"
+    cases = load_cases(root, dims=2)
+    if limit_images:
+        seen, keep = [], []
+        for c in cases:
+            if c.image not in seen:
+                if len(seen) >= limit_images:
+                    continue
+                seen.append(c.image)
+            keep.append(c)
+        cases = keep
+    return root, cases
+
+
+def agreement(base, variants, cases):
+    """Mean / min Dice of each variant's masks vs the authors' fp32 masks, per dev case."""
+    from napari_medsam.engine.evaluation import dice
+    from napari_medsam.engine.io import read_image
+
+    out = {k: [] for k in variants}
+    by_image = {}
+    for c in cases:
+        by_image.setdefault(c.image, []).append(c)
+    for path, cs in by_image.items():
+        img = read_image(path).array
+        if img.ndim == 3 and img.shape[-1] not in (3, 4):
+            continue
+        rgb = base.prepare(img, cs[0].modality)
+        a_emb, new_hw = authors_encode(base.module, rgb)
+        refs = [authors_decode(base.module, a_emb, c.box, rgb.shape[:2], new_hw).astype(bool) for c in cs]
+        for k, m in variants.items():
+            emb = m.embed_rgb(rgb)
+            for c, ref in zip(cs, refs):
+                # tiny boxes (< 4 px short side at 256) flip in the authors' own pipeline; reported apart
+                if c.short_side_at(256, rgb.shape) < 4:
+                    continue
+                out[k].append(dice(m.predict(emb, c.box).masks[0], ref))
+        for m in variants.values():
+            m.cache.clear()
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--boxes", type=int, default=100)
+    ap.add_argument("--encodes", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="30 boxes, 4 encodes, bundled samples only")
+    ap.add_argument("--no-agreement", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also try torch.compile on the encoder (slow warm-up)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_speed.md"))
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.boxes, a.encodes = 30, 4
+
+    from napari_medsam import MedSAM
+    from napari_medsam.engine.fast import have_onnxruntime
+    from napari_medsam.engine.io import read_image
+
+    base = MedSAM.load("litemedsam", device="cpu")
+    img = read_image(ROOT / "src/napari_medsam/samples/dsb2018_nuclei.png").array  # 512 x 512
+    rgb = base.prepare(img)
+
+    enc_variants = {}
+    build_s = {}
+    skipped = []
+    for label, kind in ENCODER_VARIANTS.items():
+        if kind.startswith("onnx") and not have_onnxruntime():
+            skipped.append(f"{label}: onnxruntime/onnx not installed")
+            continue
+        if kind == "compile" and not a.compile:
+            skipped.append(f"{label}: not run (pass --compile; minutes of warm-up)")
+            continue
+        t = time.perf_counter()
+        try:
+            if kind in ("fused", "onnx"):
+                m = facade(base, encoder=kind, decoder="fused")
+                if m.fast is None or m.fast.encoder_kind != kind:
+                    raise RuntimeError("unavailable")
+            else:
+                m = facade(base, encoder=None, decoder="fused")
+                m.fast.encoder = experimental_encoder(base, kind)
+                m.fast.encoder_kind = m.fast.key_suffix = kind
+            m.embed_rgb(rgb, use_cache=False)  # warm-up (compile happens here)
+        except Exception as exc:  # report, never abort the whole benchmark
+            skipped.append(f"{label}: {type(exc).__name__}: {exc}")
+            continue
+        build_s[label] = time.perf_counter() - t
+        enc_variants[label] = m
+    fast = facade(base, **{"encoder": None, "decoder": "fused"})
+
+    dec_rows, dec_dice, first, same = bench_decoder(base, fast, rgb, random_boxes(a.boxes))
+    enc_rows = bench_encoder(base, enc_variants, rgb, a.encodes)
+
+    agree = {}
+    if not a.no_agreement:
+        root, cases = dev_cases(limit_images=3 if a.quick else None)
+        variants = {"default": base, **enc_variants, "fast=True (as shipped)": MedSAM(base.spec, base.module, base.device, None, base.checkpoint, fast=True)}
+        agree = agreement(base, variants, cases)
+        agree_root = root
+
+    am, ap95 = stats(dec_rows["authors"])
+    em, ep95 = stats(enc_rows["authors"])
+    labels = {
+        "authors": "authors' pipeline (torch default threads)",
+        "authors 1t": "authors' pipeline, torch 1 thread",
+        "default": "default `predict` (authors' numerics)",
+        "fast full": "fused decoder, full plane, 1 thread",
+        "fast auto": "**fused decoder, auto region (full-size mask), 1 thread** (`fast=True`)",
+        "fast auto nt": "fused decoder, auto region, torch default threads",
+        "fast region": "fused decoder, `region=` preview window, 1 thread",
+    }
+    lines = [
+        "## Fast paths vs the authors' pipeline (`benchmarks/speed.py`)",
+        "",
+        f"Machine: {machine()}; run {time.strftime('%Y-%m-%d %H:%M')}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end (a shared machine: compare ratios, not absolute times). "
+        "LiteMedSAM, CPU. Every row is timed in the same process, interleaved with the authors' pipeline; "
+        "ratio = median / authors' median.",
+        "",
+        f"### Box -> mask, 512 x 512, cached embedding ({a.boxes} random boxes, 15-110 px)",
+        "",
+        "| variant | median ms | p95 ms | ratio | Dice vs default (mean / min) |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in dec_rows.items():
+        m, p = stats(v)
+        d = f"{np.mean(dec_dice[k]):.4f} / {np.min(dec_dice[k]):.4f}" if k in dec_dice else "-"
+        lines.append(f"| {labels[k]} | {m:.1f} | {p:.1f} | {m / am:.2f} | {d} |")
+    lines += [
+        "",
+        f"Default masks identical to the authors' on {same} of {a.boxes} boxes. First box on a new embedding "
+        f"with the fused decoder (per-image precompute included): {first * 1000:.0f} ms.",
+        "",
+        f"### Encoder per image/slice ({a.encodes} encodes of the 512 x 512 sample, preprocessing included)",
+        "",
+        "| variant | median s | p95 s | ratio | build + first run s |",
+        "|---|---|---|---|---|",
+    ]
+    for k, v in enc_rows.items():
+        m, p = stats(v)
+        b = f"{build_s[k]:.1f}" if k in build_s else "-"
+        lines.append(f"| {labels.get(k, k)} | {m / 1000:.3f} | {p / 1000:.3f} | {m / em:.2f} | {b} |")
+    if skipped:
+        lines += ["", "Not timed: " + "; ".join(skipped) + "."]
+    emb = base.embed_rgb(rgb)
+    lines += [
+        "",
+        f"Cached embedding: {emb.nbytes / 1e6:.2f} MB fp32, {emb.nbytes / 2e6:.2f} MB with `EmbeddingCache(fp16=True)` "
+        "(`fast=True` switches the model's cache to fp16).",
+    ]
+    if agree:
+        n = len(next(iter(agree.values()))) if agree else 0
+        lines += [
+            "",
+            f"### Mask agreement with the authors' fp32 pipeline ({n} 2D dev cases of `{agree_root}`; "
+            "boxes under 4 px at 256 excluded)",
+            "",
+            "| variant | mean Dice | min Dice | cases with Dice < 0.99 |",
+            "|---|---|---|---|",
+        ]
+        for k, v in agree.items():
+            v = np.asarray(v)
+            lines.append(f"| {k} | {v.mean():.4f} | {v.min():.4f} | {int((v < 0.99).sum())} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = "# Speed of the fast paths (issue #6)\n\n"
+    out.write_text(head + text)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

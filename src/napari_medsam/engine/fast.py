@@ -1,0 +1,634 @@
+"""Opt-in CPU speed-ups for LiteMedSAM (issue #6): ``MedSAM.load(..., fast=True)``.
+
+Nothing here changes the default path: :func:`accelerate` builds *separate* fast
+copies of the encoder / decoder and hangs them on the model as ``model.fast``;
+``MedSAM.embed_rgb`` / ``MedSAM.predict`` use them only when that attribute is set.
+Every fast path is checked against the default path for mask agreement by
+``tests/test_fast.py`` and timed against the authors' pipeline by
+``benchmarks/speed.py`` (numbers in ``docs/benchmarks_speed.md``).
+
+Decoder (``decoder="fused"``, the default of ``fast=True``), pure PyTorch:
+
+* **prompt-independent work cached per embedding**: image tokens + no-mask
+  embedding, and in the first two-way layer the token->image keys/values and the
+  image->token queries (they see only the image and its positional encoding);
+* **low-rank cross-attention**: with 7 prompt tokens and 8 heads the 4096 image
+  tokens only ever meet 56 head-token vectors, so each 4096 x 256 x 128 projection of
+  the image side is folded into a 4096 x 256 x 56 product with the projection
+  weights moved to the token side (same maths, different rounding). The key bias
+  of token->image attention is dropped: it is constant along the softmax axis;
+* **only the needed part of the output upscaling**: the two stride-2 transposed
+  convolutions and the per-pixel LayerNorm are local (each 256-grid logit depends
+  on one 64-grid token), so for ``predict(region=...)`` only the tokens under the
+  region are upscaled - identical values there;
+* ``auto_region=True`` (default with ``fast=True``): a full-size mask is computed
+  in the box grown by a margin; if any positive logit lies on that window's border
+  the whole plane is computed instead. Differs from the full computation only when
+  the decoder puts a separate blob far outside the box.
+
+Encoder:
+
+* ``encoder="fused"``: TinyViT with BatchNorm folded into the convolutions,
+  attention biases gathered once, fused scaled-dot-product attention.
+* ``encoder="onnx"``: that fused TinyViT exported with ``torch.onnx`` (cached in the
+  user cache folder) and run by ONNX Runtime with its own threads and no spinning
+  (optional extra ``napari-medsam[onnx]``); falls back to ``fused``.
+
+Measured and *not* offered (``benchmarks/speed.py`` still times them): int8 dynamic
+quantisation of the Linear/MatMul layers (torch.ao and ONNX Runtime) - masks at mean
+Dice ~0.93 against the authors'; TorchScript trace + freeze - no gain over ``fused``;
+``torch.compile`` - minutes of warm-up on two cores, and it imports triton, which must
+not happen in a process with an OpenGL context (see :func:`triton_blocked`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+ENCODERS = ("eager", "fused", "onnx")
+DECODERS = ("eager", "fused")
+
+
+# ---------------------------------------------------------------------------
+# encoder: fused TinyViT
+# ---------------------------------------------------------------------------
+def _fold_conv_bn(cbn: nn.Module) -> nn.Conv2d:
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    return fuse_conv_bn_eval(cbn.c.eval(), cbn.bn.eval())
+
+
+def _fast_window_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    b, n, c = x.shape
+    qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.key_dim)
+    q, k, v = qkv.split(self.key_dim, dim=3)
+    q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._bias, scale=self.scale)
+    return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def fuse_tinyvit(encoder: nn.Module, sdpa: bool = True) -> nn.Module:
+    """A copy of a LiteMedSAM TinyViT with conv-BN folded and attention biases precomputed."""
+    from .models import tinyvit as tv
+
+    enc = copy.deepcopy(encoder).eval()
+
+    def walk(parent: nn.Module):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, tv.ConvBN):
+                setattr(parent, name, _fold_conv_bn(child))
+            else:
+                walk(child)
+
+    with torch.no_grad():
+        walk(enc)
+        for mod in enc.modules():
+            if isinstance(mod, tv.WindowAttention):
+                bias = mod.attention_biases[:, mod.attention_bias_idxs].detach().clone().contiguous()
+                mod.register_buffer("_bias", bias, persistent=False)
+                if sdpa:
+                    mod.forward = _fast_window_attention_forward.__get__(mod)
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    return enc
+
+
+def have_onnxruntime() -> bool:
+    """onnxruntime (to run) and onnx (torch.onnx.export needs it) both importable."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def export_onnx(enc: nn.Module, cache_dir: Optional[str] = None) -> str:
+    """Export a (fused) TinyViT to ONNX once; the file is named by a digest of the weights."""
+    size = getattr(enc, "img_size", 256)
+    folder = _onnx_dir(cache_dir)
+    path = os.path.join(folder, f"tinyvit-{_weights_digest(enc)}.onnx")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with torch.no_grad():
+            _export(enc, (torch.zeros(1, 3, size, size),), tmp, ["image"], ["embedding"])
+        os.replace(tmp, path)
+    return path
+
+
+class OrtEncoder:
+    """ONNX Runtime session over an exported TinyViT; called like the module."""
+
+    def __init__(self, path: str, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = int(threads or 0)  # 0: ONNX Runtime's default, one per physical core
+        so.inter_op_num_threads = 1
+        # no busy-waiting: on 2 cores shared with the GUI a spinning pool steals the decoder's core
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        self.path = path
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"image": np.ascontiguousarray(x.detach().cpu().numpy(), np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+def _weights_digest(module: nn.Module) -> str:
+    """Short digest of a module's float tensors (names the exported ONNX file)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{torch.__version__}|{module.__class__.__name__}".encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _onnx_dir(cache_dir: Optional[str] = None) -> str:
+    """Where exported ONNX files live: ``cache_dir``, $MEDSAM_ONNX_CACHE, the user cache, else a temp dir."""
+    for cand in (cache_dir, os.environ.get("MEDSAM_ONNX_CACHE")):
+        if cand:
+            os.makedirs(cand, exist_ok=True)
+            return cand
+    try:
+        from platformdirs import user_cache_dir
+
+        d = os.path.join(user_cache_dir("napari-medsam"), "onnx")
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except Exception:
+        pass
+    return tempfile.mkdtemp(prefix="medsam_onnx_")
+
+
+def _export(module, args, path, inputs, outputs):
+    import warnings
+
+    kw = dict(input_names=inputs, output_names=outputs, opset_version=17)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, args, path, dynamo=False, **kw)
+        except TypeError:  # older torch without the dynamo switch
+            torch.onnx.export(module, args, path, **kw)
+
+
+def build_encoder(model, kind: str):
+    """A callable (1, 3, S, S) -> (1, 256, 64, 64) for ``kind`` (see module doc); None for eager."""
+    if kind in (None, "eager"):
+        return None
+    if model.name != "litemedsam":
+        raise ValueError(f"fast encoders exist for litemedsam only, not {model.name!r}")
+    fused = fuse_tinyvit(model.module.image_encoder)
+    if kind == "fused":
+        return fused
+    if kind == "onnx":
+        if not have_onnxruntime():
+            log.warning("onnxruntime/onnx not installed (pip install 'napari-medsam[onnx]'); using the fused PyTorch encoder")
+            return fused
+        try:
+            return OrtEncoder(export_onnx(fused))
+        except Exception as exc:  # export or session failure: stay correct, just slower
+            log.warning("ONNX encoder unavailable (%s); using the fused PyTorch encoder", exc)
+            return fused
+    raise ValueError(f"encoder must be one of {ENCODERS}, got {kind!r}")
+
+
+# ---------------------------------------------------------------------------
+# decoder: restructured SAM mask decoder
+# ---------------------------------------------------------------------------
+@dataclass
+class _ImageState:
+    """Prompt-independent decoder tensors of one embedding (float32)."""
+
+    x0: torch.Tensor  # (N, C) image tokens + no-mask embedding
+    k0: torch.Tensor  # (H, d, N) layer-0 token->image keys, heads split, transposed
+    v0: torch.Tensor  # (H, N, d) layer-0 token->image values
+    q0: torch.Tensor  # (H, d, N) layer-0 image->token queries, transposed
+    grid: Tuple[int, int]
+
+
+class FusedDecoder:
+    """SAM's prompt encoder + mask decoder for box prompts, restructured for CPU.
+
+    Same weights and maths as ``segment_anything`` (``multimask_output=False``);
+    see the module docstring for what is reordered.
+    """
+
+    def __init__(self, module: nn.Module, cache_entries: int = 4):
+        self.pe_module = module.prompt_encoder
+        self.dec = module.mask_decoder
+        t = self.dec.transformer
+        self.heads = t.num_heads
+        self.layers = t.layers
+        with torch.inference_mode():
+            pe = self.pe_module.get_dense_pe()  # (1, C, h, w)
+            self.grid = tuple(pe.shape[-2:])
+            self.pe = pe.flatten(2)[0].transpose(0, 1).contiguous()  # (N, C)
+            self.no_mask = self.pe_module.no_mask_embed.weight.reshape(-1).clone()
+            self.out_tokens = torch.cat([self.dec.iou_token.weight, self.dec.mask_tokens.weight], 0).clone()
+        self._states: "OrderedDict[object, _ImageState]" = OrderedDict()
+        self._cache_entries = cache_entries
+        self._lock = threading.Lock()
+
+    # -- per-image ------------------------------------------------------
+    def image_state(self, features: torch.Tensor, key: str = "") -> _ImageState:
+        """The per-image tensors, memoised by cache key (``key`` empty: computed, not kept)."""
+        k = (key, features.dtype)
+        if key:
+            with self._lock:
+                st = self._states.get(k)
+                if st is not None:
+                    self._states.move_to_end(k)
+                    return st
+        f = features.to(torch.float32)
+        c = f.shape[1]
+        x0 = (f[0].reshape(c, -1).transpose(0, 1) + self.no_mask).contiguous()
+        kp = x0 + self.pe
+        l0 = self.layers[0]
+        h = self.heads
+        t2i, i2t = l0.cross_attn_token_to_image, l0.cross_attn_image_to_token
+        n = x0.shape[0]
+        k0 = t2i.k_proj(kp).view(n, h, -1).permute(1, 2, 0).contiguous()
+        v0 = t2i.v_proj(x0).view(n, h, -1).transpose(0, 1).contiguous()
+        q0 = i2t.q_proj(kp).view(n, h, -1).permute(1, 2, 0).contiguous()
+        st = _ImageState(x0, k0, v0, q0, tuple(f.shape[-2:]))
+        if key:
+            with self._lock:
+                self._states[k] = st
+                while len(self._states) > self._cache_entries:
+                    self._states.popitem(last=False)
+        return st
+
+    def clear(self):
+        with self._lock:
+            self._states.clear()
+
+    # -- attention helpers ----------------------------------------------
+    @staticmethod
+    def _heads(x: torch.Tensor, h: int) -> torch.Tensor:  # (B, T, D) -> (B, H, T, d)
+        b, t, d = x.shape
+        return x.view(b, t, h, d // h).transpose(1, 2)
+
+    def _tok2img(self, attn, q: torch.Tensor, keys_pe: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Token->image attention with the image-side projections moved to the tokens.
+
+        q (B, T, C) tokens; keys_pe, keys (B, N, C) image tokens. Returns (B, T, C).
+        """
+        h = self.heads
+        b, t, c = q.shape
+        qp = self._heads(attn.q_proj(q), h)  # (B, H, T, d)
+        d = qp.shape[-1]
+        wk = attn.k_proj.weight.view(h, d, c)
+        qk = torch.einsum("bhtd,hdc->bhtc", qp * (d ** -0.5), wk).reshape(b, h * t, c)
+        a = torch.softmax(torch.bmm(qk, keys_pe.transpose(1, 2)), dim=-1)  # (B, H*T, N); k bias cancels
+        z = torch.bmm(a, keys).view(b, h, t, c)  # rows of a sum to 1: v bias added after
+        wv = attn.v_proj.weight.view(h, d, c)
+        o = torch.einsum("bhtc,hdc->bhtd", z, wv) + attn.v_proj.bias.view(1, h, 1, d)
+        return attn.out_proj(o.transpose(1, 2).reshape(b, t, h * d))
+
+    def _img2tok_values(self, attn, tok: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) tokens -> (B, H*T, C): values pushed through out_proj per head.
+
+        out_proj's bias is spread as bias / H over the rows: every image token's
+        attention weights sum to 1 per head, so a @ values gets the bias exactly once.
+        """
+        h = self.heads
+        b, t, c = tok.shape
+        v = self._heads(attn.v_proj(tok), h)  # (B, H, T, d)
+        d = v.shape[-1]
+        wo = attn.out_proj.weight.view(c, h, d)
+        vo = torch.einsum("bhtd,ohd->bhto", v, wo).reshape(b, h * t, c)
+        return vo + attn.out_proj.bias / h
+
+    def _img2tok(self, attn, residual: torch.Tensor, img_q: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor) -> torch.Tensor:
+        """residual + image->token attention, low rank. img_q (B, N, C) = keys + pe; returns (B, N, C).
+
+        Logits are laid out (B, H, T, N) so the softmax over the T = 7 tokens runs along
+        a long contiguous axis (a softmax over a last axis of 7 is ~20x slower).
+        """
+        h = self.heads
+        b, t, c = tok_k.shape
+        kp = self._heads(attn.k_proj(tok_k), h)  # (B, H, T, d)
+        d = kp.shape[-1]
+        s = d ** -0.5
+        wq = attn.q_proj.weight.view(h, d, c)
+        kq = torch.einsum("bhtd,hdc->bhtc", kp * s, wq).reshape(b, h * t, c)
+        cb = torch.einsum("bhtd,hd->bht", kp * s, attn.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
+        logits = torch.baddbmm(cb, kq, img_q.transpose(1, 2))  # (B, H*T, N)
+        n = logits.shape[-1]
+        a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
+        vo = self._img2tok_values(attn, tok_v)
+        return torch.baddbmm(residual, a.transpose(1, 2), vo)
+
+    def _img2tok_cached(self, attn, residual: torch.Tensor, q0t: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor) -> torch.Tensor:
+        """residual + layer-0 image->token attention with the image queries q0t (H, d, N) precomputed."""
+        h = self.heads
+        b, t, c = tok_k.shape
+        kp = self._heads(attn.k_proj(tok_k), h)  # (B, H, T, d)
+        d = kp.shape[-1]
+        logits = torch.matmul(kp * (d ** -0.5), q0t.unsqueeze(0))  # (B, H, T, N)
+        n = logits.shape[-1]
+        a = torch.softmax(logits, dim=2).reshape(b, h * t, n)
+        vo = self._img2tok_values(attn, tok_v)
+        return torch.baddbmm(residual, a.transpose(1, 2), vo)
+
+    # -- forward ----------------------------------------------------------
+    def transformer(self, st: _ImageState, sparse: torch.Tensor):
+        """(B, T, C) prompt tokens -> (hs (B, T', C), keys (B, N, C))."""
+        b = sparse.shape[0]
+        h = self.heads
+        tokens = torch.cat((self.out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        qpe = tokens
+        pe = self.pe.unsqueeze(0)
+        l0, l1 = self.layers
+        # layer 0 (skip_first_layer_pe)
+        queries = l0.norm1(l0.self_attn(q=tokens, k=tokens, v=tokens))
+        q = queries + qpe
+        qp = self._heads(l0.cross_attn_token_to_image.q_proj(q), h)  # (B, H, T, d)
+        d = qp.shape[-1]
+        a = torch.softmax(torch.matmul(qp, st.k0.unsqueeze(0)) * (d ** -0.5), dim=-1)  # (B, H, T, N)
+        o = torch.matmul(a, st.v0.unsqueeze(0)).transpose(1, 2).reshape(b, -1, h * d)
+        queries = l0.norm2(queries + l0.cross_attn_token_to_image.out_proj(o))
+        queries = l0.norm3(queries + l0.mlp(queries))
+        q = queries + qpe
+        keys = l0.norm4(self._img2tok_cached(l0.cross_attn_image_to_token, st.x0.unsqueeze(0), st.q0, q, queries))
+        # layer 1
+        q = queries + qpe
+        queries = l1.norm1(queries + l1.self_attn(q=q, k=q, v=queries))
+        q = queries + qpe
+        kpe = keys + pe
+        queries = l1.norm2(queries + self._tok2img(l1.cross_attn_token_to_image, q, kpe, keys))
+        queries = l1.norm3(queries + l1.mlp(queries))
+        q = queries + qpe
+        keys = l1.norm4(self._img2tok(l1.cross_attn_image_to_token, keys, kpe, q, queries))
+        # final token->image attention
+        t = self.dec.transformer
+        q = queries + qpe
+        queries = t.norm_final_attn(queries + self._tok2img(t.final_attn_token_to_image, q, keys + pe, keys))
+        return queries, keys
+
+    def logits(self, st: _ImageState, box_t: torch.Tensor, window: Optional[Tuple[int, int, int, int]] = None):
+        """Box (B, 4) in model pixels -> (mask logits (B, 1, 4h, 4w), iou (B, 1)).
+
+        ``window`` (ty0, ty1, tx0, tx1) in embedding tokens: upscale only there;
+        logits elsewhere are -1e4 (a sure "no").
+        """
+        sparse, _ = self.pe_module(points=None, boxes=box_t[:, None, :], masks=None)
+        hs, keys = self.transformer(st, sparse)
+        dec = self.dec
+        b = hs.shape[0]
+        gh, gw = st.grid
+        src = keys.view(b, gh, gw, -1)
+        if window is not None:
+            ty0, ty1, tx0, tx1 = window
+            src = src[:, ty0:ty1, tx0:tx1]
+        up = dec.output_upscaling(src.permute(0, 3, 1, 2).contiguous())  # (B, C/8, 4h, 4w)
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0 only (multimask off)
+        bb, cc, uh, uw = up.shape
+        m = torch.bmm(hyper.unsqueeze(1), up.reshape(bb, cc, uh * uw)).view(bb, 1, uh, uw)
+        if window is not None:
+            s = uh // (window[1] - window[0])
+            full = m.new_full((b, 1, gh * s, gw * s), -1e4)
+            full[..., window[0] * s : window[1] * s, window[2] * s : window[3] * s] = m
+            m = full
+        iou = dec.iou_prediction_head(hs[:, 0, :])[:, :1]
+        return m, iou
+
+
+def _source_span(n_in: int, n_out: int, start: int, stop: int) -> Tuple[int, int]:
+    """Rows of an ``n_in`` grid that bilinear (align_corners=False) reads for output rows [start, stop)."""
+    scale = n_in / n_out
+
+    def src(i):
+        return max(0.0, (i + 0.5) * scale - 0.5)
+
+    lo = min(int(np.floor(src(start))), n_in - 1)
+    hi = min(int(np.floor(src(stop - 1))) + 1, n_in - 1)
+    return lo, hi + 1
+
+
+def _pixel_span(n_in: int, n_out: int, lo: int, hi: int) -> Tuple[int, int]:
+    """Output rows [y0, y1) outside which bilinear upsampling reads no input row in [lo, hi)."""
+    r = n_out / n_in
+    y0 = int(np.floor((lo - 0.5) * r - 0.5)) - 1
+    y1 = int(np.ceil((hi + 0.5) * r - 0.5)) + 1
+    return max(0, y0), min(n_out, y1)
+
+
+# ---------------------------------------------------------------------------
+# the accelerator hung on a MedSAM
+# ---------------------------------------------------------------------------
+@dataclass
+class Accelerator:
+    """Fast encoder/decoder for one :class:`MedSAM` (``model.fast``)."""
+
+    encoder_kind: str = "eager"
+    decoder_kind: str = "eager"
+    encoder: Optional[object] = None
+    decoder: Optional[FusedDecoder] = None
+    auto_region: bool = True
+    margin: float = 0.25
+    decoder_threads: Optional[int] = 1
+    stats: Dict[str, int] = field(default_factory=lambda: {"windowed": 0, "full": 0, "grown": 0})
+
+    key_suffix: str = ""  # cache-key suffix for encoders whose embeddings must not be shared
+
+    def describe(self) -> str:
+        return f"encoder={self.encoder_kind}, decoder={self.decoder_kind}, auto_region={self.auto_region}"
+
+    # token window helpers -------------------------------------------------
+    def _window_for(self, recipe, resized, original, region, st: _ImageState):
+        """Token window (ty0, ty1, tx0, tx1) whose upscaled logits cover ``region`` exactly."""
+        nh, nw = resized
+        gh, gw = st.grid
+        s = recipe.input_size // gh  # logit pixels per token (256 / 64 = 4)
+        H, W = original
+        y0, y1, x0, x1 = region
+        ly0, ly1 = _source_span(nh, H, y0, y1)
+        lx0, lx1 = _source_span(nw, W, x0, x1)
+        return ly0 // s, min(gh, -(-ly1 // s)), lx0 // s, min(gw, -(-lx1 // s))
+
+    def _auto_window(self, recipe, box_t: torch.Tensor, resized, st: _ImageState):
+        """Tokens under the union of the boxes (model pixels) grown by ``margin`` + 8 px."""
+        gh, gw = st.grid
+        s = recipe.input_size // gh
+        nh, nw = resized
+        b = box_t.detach().cpu().numpy().astype(np.float64)
+        x0, y0 = b[:, [0, 2]].min(), b[:, [1, 3]].min()
+        x1, y1 = b[:, [0, 2]].max(), b[:, [1, 3]].max()
+        mx, my = (x1 - x0) * self.margin + 8, (y1 - y0) * self.margin + 8
+        ty0 = max(0, int(np.floor((y0 - my) / s)))
+        ty1 = min(-(-nh // s), int(np.ceil((y1 + my) / s)) + 1)
+        tx0 = max(0, int(np.floor((x0 - mx) / s)))
+        tx1 = min(-(-nw // s), int(np.ceil((x1 + mx) / s)) + 1)
+        if ty1 <= ty0 or tx1 <= tx0:
+            return None
+        return ty0, ty1, tx0, tx1
+
+    @staticmethod
+    def _touches_border(m: torch.Tensor, win, grid, resized, s: int) -> bool:
+        """Any positive logit on a window edge that is not the edge of the unpadded image."""
+        ty0, ty1, tx0, tx1 = win
+        nh, nw = resized
+        y0, y1, x0, x1 = ty0 * s, min(ty1 * s, nh), tx0 * s, min(tx1 * s, nw)
+        inner = m[:, 0, y0:y1, x0:x1]
+        edges = []
+        if ty0 > 0:
+            edges.append(inner[:, 0, :])
+        if y1 < nh:
+            edges.append(inner[:, -1, :])
+        if tx0 > 0:
+            edges.append(inner[:, :, 0])
+        if x1 < nw:
+            edges.append(inner[:, :, -1])
+        return any(bool((e > 0).any()) for e in edges)
+
+    def decode(self, model, embedding, box_t: torch.Tensor, region=None):
+        """(masks, iou) exactly shaped like ``MedSAM.predict``'s, via the fused decoder."""
+        with _num_threads(self.decoder_threads):
+            return self._decode(model, embedding, box_t, region)
+
+    def _decode(self, model, embedding, box_t: torch.Tensor, region=None):
+        recipe = model.recipe
+        st = self.decoder.image_state(embedding.features, embedding.key)
+        if region is not None:
+            win = self._window_for(recipe, embedding.resized, embedding.original_size, region, st)
+            logits, iou = self.decoder.logits(st, box_t, win)
+            self.stats["windowed"] += 1
+        elif self.auto_region and recipe.name == "litemedsam":
+            win = self._auto_window(recipe, box_t, embedding.resized, st)
+            logits, iou = self.decoder.logits(st, box_t, win)
+            s = recipe.input_size // st.grid[0]
+            if win is not None and self._touches_border(logits, win, st.grid, embedding.resized, s):
+                logits, iou = self.decoder.logits(st, box_t, None)
+                self.stats["grown"] += 1
+            elif win is not None:
+                self.stats["windowed"] += 1
+                # logits outside the window are -1e4: only pixels reading the window can be set
+                (nh, nw), (H, W) = embedding.resized, embedding.original_size
+                y0, y1 = _pixel_span(nh, H, win[0] * s, min(win[1] * s, nh))
+                x0, x1 = _pixel_span(nw, W, win[2] * s, min(win[3] * s, nw))
+                masks = torch.zeros((logits.shape[0], H, W), dtype=torch.bool)
+                masks[:, y0:y1, x0:x1] = recipe.postprocess(logits, embedding.resized, embedding.original_size, (y0, y1, x0, x1))
+                return masks, iou
+            else:
+                self.stats["full"] += 1
+        else:
+            logits, iou = self.decoder.logits(st, box_t, None)
+            self.stats["full"] += 1
+        masks = recipe.postprocess(logits, embedding.resized, embedding.original_size, region)
+        return masks, iou
+
+
+class _num_threads:
+    """Temporarily set torch's intra-op threads of the *calling* thread (OpenMP: per thread)."""
+
+    def __init__(self, n: Optional[int]):
+        self.n = n
+
+    def __enter__(self):
+        self.prev = torch.get_num_threads()
+        if self.n and self.n != self.prev:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if self.n and self.n != self.prev:
+            torch.set_num_threads(self.prev)
+
+
+def triton_blocked() -> bool:
+    """True when something (e.g. a GUI with an OpenGL context) has blocked importing triton."""
+    import sys
+
+    return "triton" in sys.modules and sys.modules["triton"] is None
+
+
+def accelerate(
+    model,
+    encoder: Optional[str] = "fused",
+    decoder: Optional[str] = "fused",
+    auto_region: bool = True,
+    margin: float = 0.25,
+    fp16_cache: bool = False,
+    decoder_threads: Optional[int] = 1,
+) -> Optional[Accelerator]:
+    """Attach fast paths to a loaded :class:`MedSAM` as ``model.fast`` and return them.
+
+    Args:
+        encoder: ``fused`` (default), ``onnx``, or ``None`` / ``eager`` (the default path).
+        decoder: ``fused`` (default) or ``None`` / ``eager``.
+        auto_region: full-size masks computed in the box grown by ``margin`` unless the
+            mask reaches that window's edge (see module doc).
+        decoder_threads: torch threads while decoding (1: the decoder's small matrix
+            products gain little from a second core, and a second OpenMP thread that
+            competes with the GUI or the encoder thread makes every op wait; ``None``
+            keeps torch's setting).
+        fp16_cache: switch the model's :class:`EmbeddingCache` to float16 storage
+            (2.1 MB instead of 4.2 MB per embedding; affects every model sharing it).
+    Only LiteMedSAM gets fast paths; other models keep the default path with a log note.
+    """
+    if model.name != "litemedsam":
+        log.info("fast paths exist for litemedsam only; %s keeps the default path", model.name)
+        model.fast = None
+        return None
+    if str(model.device) != "cpu":
+        log.info("fast paths target the CPU; %s keeps the default path on %s", model.name, model.device)
+        model.fast = None
+        return None
+    ek = encoder or "eager"
+    dk = decoder or "eager"
+    if dk not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    acc = Accelerator(
+        ek, dk, build_encoder(model, ek), FusedDecoder(model.module) if dk == "fused" else None, auto_region, margin, decoder_threads
+    )
+    if ek == "onnx" and not isinstance(acc.encoder, OrtEncoder):
+        acc.encoder_kind = "fused"
+    if fp16_cache and model.cache is not None:
+        model.cache.fp16 = True
+    model.fast = acc
+    return acc
+
+
+def fast_options(fast) -> dict:
+    """``MedSAM.load(fast=...)`` value -> keyword arguments of :func:`accelerate`.
+
+    ``True`` -> the measured winners (docs/benchmarks_speed.md): ONNX Runtime encoder when
+    ``napari-medsam[onnx]`` is installed (else the fused PyTorch TinyViT), fused decoder
+    with automatic region, one decoder thread, fp16 embedding cache. A string names the
+    encoder; a dict is passed through to :func:`accelerate`.
+    """
+    winners = {
+        "encoder": "onnx" if have_onnxruntime() else "fused",
+        "decoder": "fused",
+        "auto_region": True,
+        "decoder_threads": 1,
+        "fp16_cache": True,
+    }
+    if fast is True:
+        return winners
+    if isinstance(fast, str):
+        return {**winners, "encoder": fast}
+    if isinstance(fast, dict):
+        return dict(fast)
+    raise TypeError(f"fast must be True, an encoder name or a dict, got {fast!r}")
