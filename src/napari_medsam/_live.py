@@ -153,6 +153,9 @@ class LatestBoxDecoder:
     def _decode(self, job: BoxJob) -> BoxResult:
         emb = job.embedding.result()
         t0 = time.perf_counter()
-        region = None if job.kind == "accept" else preview_region(job.box, emb.original_size)
-        pred = self.model.predict(emb, job.box, region=region)
+        if job.kind == "accept":  # labels: the authors' exact numerics, full plane
+            region, pred = None, self.model.predict(emb, job.box, exact=True)
+        else:
+            region = preview_region(job.box, emb.original_size)
+            pred = self.model.predict(emb, job.box, region=region)
         return BoxResult(job, pred, region, decode_s=time.perf_counter() - t0)

@@ -35,6 +35,11 @@ INTENSITY_CHOICES = (
 )
 
 
+#: the live preview decodes with the fused decoder on one thread (engine/fast.py);
+#: encoder and accepted labels keep the authors' exact numerics.
+PREVIEW_FAST = {"encoder": None, "decoder": "fused", "auto_region": True, "decoder_threads": 1}
+
+
 def _guard_triton() -> None:
     """Keep Triton out of a process that has an OpenGL context and no CUDA.
 
@@ -206,7 +211,7 @@ class MedSAMWidget(QWidget):
 
         def load():
             try:
-                self._loader.loaded.emit(MedSAM.load(key[0], device=key[1], checkpoint=key[2]), None)
+                self._loader.loaded.emit(MedSAM.load(key[0], device=key[1], checkpoint=key[2], fast=PREVIEW_FAST if key[0] == "litemedsam" else None), None)
             except Exception as exc:  # shown as a notification in the GUI thread
                 self._loader.loaded.emit(None, exc)
 

@@ -152,7 +152,7 @@ class MedSAM:
         return self.cache.put(emb) if use_cache else emb
 
     # -- decoding ---------------------------------------------------------
-    def predict(self, embedding: Embedding, boxes: BoxLike, region=None) -> Prediction:
+    def predict(self, embedding: Embedding, boxes: BoxLike, region=None, exact: bool = False) -> Prediction:
         """Masks and predicted IoU for one or more boxes on an embedded image.
 
         Args:
@@ -160,6 +160,8 @@ class MedSAM:
             boxes: (x0, y0, x1, y1) or (N, 4), x = column, y = row, in image pixels.
             region: optional (y0, y1, x0, x1): compute the full-size mask only there
                 (same values, less upsampling; the live preview uses it).
+            exact: use the authors' decoder path even when fast paths are attached
+                (the plugin previews with the fast decoder and accepts with this).
         """
         if embedding.model != self.name:
             raise ValueError(f"embedding was made by {embedding.model!r}, not {self.name!r}")
@@ -167,7 +169,7 @@ class MedSAM:
         box_t = self.recipe.scale_boxes(boxes, embedding.original_size, embedding.resized).to(self.device)
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
-            if self.fast is not None and self.fast.decoder is not None:
+            if not exact and self.fast is not None and self.fast.decoder is not None:
                 masks, iou = self.fast.decode(self, embedding, box_t, region)
             else:
                 feats = embedding.features.to(self.device, torch.float32)
