@@ -17,6 +17,8 @@ Decoder (``decoder="fused"``, the default of ``fast=True``), pure PyTorch:
   the image side is folded into a 4096 x 256 x 56 product with the projection
   weights moved to the token side (same maths, different rounding). The key bias
   of token->image attention is dropped: it is constant along the softmax axis;
+* **only what ``multimask_output=False`` reads**: one hypernetwork MLP, and in the
+  final token->image attention only the IoU token and the first mask token attend;
 * **only the needed part of the output upscaling**: the two stride-2 transposed
   convolutions and the per-pixel LayerNorm are local (each 256-grid logit depends
   on one 64-grid token), so for ``predict(region=...)`` only the tokens under the
@@ -203,7 +205,8 @@ def build_encoder(model, kind: str):
         return fused
     if kind == "onnx":
         if not have_onnxruntime():
-            log.warning("onnxruntime/onnx not installed (pip install 'napari-medsam[onnx]'); using the fused PyTorch encoder")
+            log.warning("onnxruntime/onnx not installed (pip install 'napari-medsam[onnx]'); "
+                        "using the fused PyTorch encoder")
             return fused
         try:
             return OrtEncoder(export_onnx(fused))
@@ -320,7 +323,7 @@ class FusedDecoder:
         vo = torch.einsum("bhtd,ohd->bhto", v, wo).reshape(b, h * t, c)
         return vo + attn.out_proj.bias / h
 
-    def _img2tok(self, attn, residual: torch.Tensor, img_q: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor) -> torch.Tensor:
+    def _img2tok(self, attn, residual: torch.Tensor, img_q: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor):
         """residual + image->token attention, low rank. img_q (B, N, C) = keys + pe; returns (B, N, C).
 
         Logits are laid out (B, H, T, N) so the softmax over the T = 7 tokens runs along
@@ -340,7 +343,7 @@ class FusedDecoder:
         vo = self._img2tok_values(attn, tok_v)
         return torch.baddbmm(residual, a.transpose(1, 2), vo)
 
-    def _img2tok_cached(self, attn, residual: torch.Tensor, q0t: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor) -> torch.Tensor:
+    def _img2tok_cached(self, attn, residual: torch.Tensor, q0t: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor):
         """residual + layer-0 image->token attention with the image queries q0t (H, d, N) precomputed."""
         h = self.heads
         b, t, c = tok_k.shape
@@ -354,7 +357,7 @@ class FusedDecoder:
 
     # -- forward ----------------------------------------------------------
     def transformer(self, st: _ImageState, sparse: torch.Tensor):
-        """(B, T, C) prompt tokens -> (hs (B, T', C), keys (B, N, C))."""
+        """(B, T, C) prompt tokens -> (hs (B, 2, C): IoU token and mask token 0, keys (B, N, C))."""
         b = sparse.shape[0]
         h = self.heads
         tokens = torch.cat((self.out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
@@ -381,11 +384,12 @@ class FusedDecoder:
         queries = l1.norm3(queries + l1.mlp(queries))
         q = queries + qpe
         keys = l1.norm4(self._img2tok(l1.cross_attn_image_to_token, keys, kpe, q, queries))
-        # final token->image attention
+        # final token->image attention, per query token: only the IoU token and mask token 0
+        # are read afterwards (multimask_output=False), so only those two attend
         t = self.dec.transformer
-        q = queries + qpe
-        queries = t.norm_final_attn(queries + self._tok2img(t.final_attn_token_to_image, q, keys + pe, keys))
-        return queries, keys
+        q = (queries + qpe)[:, :2]
+        out = queries[:, :2] + self._tok2img(t.final_attn_token_to_image, q, keys + pe, keys)
+        return t.norm_final_attn(out), keys
 
     def logits(self, st: _ImageState, box_t: torch.Tensor, window: Optional[Tuple[int, int, int, int]] = None):
         """Box (B, 4) in model pixels -> (mask logits (B, 1, 4h, 4w), iou (B, 1)).
@@ -529,7 +533,8 @@ class Accelerator:
                 y0, y1 = _pixel_span(nh, H, win[0] * s, min(win[1] * s, nh))
                 x0, x1 = _pixel_span(nw, W, win[2] * s, min(win[3] * s, nw))
                 masks = torch.zeros((logits.shape[0], H, W), dtype=torch.bool)
-                masks[:, y0:y1, x0:x1] = recipe.postprocess(logits, embedding.resized, embedding.original_size, (y0, y1, x0, x1))
+                region = (y0, y1, x0, x1)
+                masks[:, y0:y1, x0:x1] = recipe.postprocess(logits, embedding.resized, embedding.original_size, region)
                 return masks, iou
             else:
                 self.stats["full"] += 1
@@ -600,7 +605,8 @@ def accelerate(
     if dk not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     acc = Accelerator(
-        ek, dk, build_encoder(model, ek), FusedDecoder(model.module) if dk == "fused" else None, auto_region, margin, decoder_threads
+        ek, dk, build_encoder(model, ek), FusedDecoder(model.module) if dk == "fused" else None,
+        auto_region, margin, decoder_threads,
     )
     if ek == "onnx" and not isinstance(acc.encoder, OrtEncoder):
         acc.encoder_kind = "fused"
