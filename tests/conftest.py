@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from importlib.resources import files
 from pathlib import Path
 
 import pytest
-
-SHARED = Path(os.environ.get("MEDSAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-SAMPLES = Path(str(files("napari_medsam") / "samples"))
+from _data import SAMPLES, require_shared
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not (SHARED / "cases.csv").exists():
-        pytest.skip(f"shared test data not found at {SHARED} (set MEDSAM_SHARED_DATA to its folder)")
-    return SHARED
+    return require_shared()
 
 
 @pytest.fixture(scope="session")

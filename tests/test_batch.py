@@ -8,7 +8,6 @@ one encoder pass, so the whole module costs a handful of encodes.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import subprocess
 import sys
@@ -27,17 +26,7 @@ from napari_medsam.engine.errors import MedSAMError
 
 tifffile = pytest.importorskip("tifffile")
 
-SAMPLES = Path(__file__).resolve().parents[1] / "src" / "napari_medsam" / "samples"
-
-
-def _shared_data() -> Path:
-    env = os.environ.get("MEDSAM_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    for c in candidates:
-        if (c / "cases.csv").is_file():
-            return c
-    pytest.skip(f"shared test data not found (looked in {[str(c) for c in candidates]}; set MEDSAM_SHARED_DATA)")
+from _data import SAMPLES, require_shared  # noqa: E402
 
 
 def _write_csv(path: Path, rows, fields=None) -> Path:
@@ -205,7 +194,7 @@ def _pick_cases(data: Path):
 
 @pytest.fixture(scope="module")
 def shared_prompts(tmp_path_factory):
-    data = _shared_data()
+    data = require_shared()
     tool = data.parent / "tools" / "cases_to_prompts.py"
     if not tool.is_file():
         pytest.skip(f"{tool} not found")

@@ -23,7 +23,7 @@ from napari_medsam.engine import batch
 
 tifffile = pytest.importorskip("tifffile")
 
-SAMPLES = Path(__file__).resolve().parents[1] / "src" / "napari_medsam" / "samples"
+from _data import SAMPLES  # noqa: E402
 BUSI = SAMPLES / "busi_malignant_1.png"
 BUSI_BOX = "8,133,439,403"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import random
 from pathlib import Path
 
@@ -26,19 +25,9 @@ pydicom = pytest.importorskip("pydicom")
 Image = pytest.importorskip("PIL.Image")
 
 
-def _shared_data() -> Path:
-    env = os.environ.get("MEDSAM_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    for c in candidates:
-        if c.is_dir():
-            return c
-    pytest.skip(f"../shared/data not found: looked in {[str(c) for c in candidates]} (set MEDSAM_SHARED_DATA)")
-
-
 @pytest.fixture(scope="module")
-def data() -> Path:
-    return _shared_data()
+def data(shared_data) -> Path:
+    return shared_data
 
 
 def _need(path: Path) -> Path:

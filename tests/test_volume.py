@@ -10,7 +10,6 @@ Two kinds of model:
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -33,29 +32,14 @@ from napari_medsam.engine.volume import (
     segment_volume,
 )
 
-SAMPLES = Path(__file__).resolve().parents[1] / "src" / "napari_medsam" / "samples"
+from _data import SAMPLES, require_shared  # noqa: E402
 BRAIN_BOX, BRAIN_KEY, BRAIN_RANGE = (162, 84, 206, 115), 16, (11, 17)
 
 
 def _read_nifti(path: Path) -> np.ndarray:
-    try:
-        from napari_medsam.engine.io import read_image
+    from napari_medsam.engine.io import read_image
 
-        return read_image(path).array
-    except ImportError:  # io module not there yet
-        import nibabel as nib
-
-        return np.asarray(nib.load(str(path)).dataobj).transpose(2, 1, 0)
-
-
-def _shared_data() -> Path:
-    env = os.environ.get("MEDSAM_SHARED_DATA")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "data")
-    for c in candidates:
-        if (c / "cases.csv").is_file():
-            return c
-    pytest.skip(f"shared test data not found (looked in {[str(c) for c in candidates]}; set MEDSAM_SHARED_DATA)")
+    return read_image(path).array
 
 
 # -- a fake model: exact, instant ---------------------------------------------------
@@ -72,14 +56,14 @@ class FakeModel:
         self.encoded = []
         self.boxes = {}
 
-    def embed_rgb(self, rgb, use_cache=True):
+    def embed_rgb_status(self, rgb, use_cache=True):
         key = embedding_key(self.name, rgb)
         hit = self.cache.get(key)
         if hit is not None:
-            return hit
+            return hit, False
         z = int(rgb[0, 0, 0]) - 1
         self.encoded.append(z)
-        return self.cache.put(Embedding(torch.zeros(1, 1), rgb.shape[:2], rgb.shape[:2], self.name, key, {"z": z}))
+        return self.cache.put(Embedding(torch.zeros(1, 1), rgb.shape[:2], rgb.shape[:2], self.name, key, {"z": z})), True
 
     def predict(self, emb, boxes, region=None):
         z = emb.meta["z"]
@@ -342,7 +326,7 @@ SHARED_MIN_DICE = 0.89
 
 
 def test_shared_ct_lesion(model):
-    root = _shared_data()
+    root = require_shared()
     case = next(c for c in load_cases(root, dims=3) if c.case == SHARED_CASE)
     vol = _read_nifti(case.image)
     gt = case.ground_truth()

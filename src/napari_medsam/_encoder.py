@@ -18,7 +18,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .engine.cache import Embedding
 from .engine.intensity import resolve_modality, to_uint8
 from .engine.predictor import MedSAM
 
@@ -147,19 +146,11 @@ class EncoderService:
             try:
                 self.on_state("encoding", 0.0)
                 t0 = time.perf_counter()
-                plane = self.plane_u8(key[1])
-                cached = self.model.cache.get(_key(self.model, plane)) is not None
-                emb = self.model.embed_rgb(plane)
-                if not cached:
-                    self.encoded += 1
+                emb, encoded = self.model.embed_rgb_status(self.plane_u8(key[1]))
+                self.encoded += encoded
                 fut.set_result(emb)
                 self.on_state("ready", time.perf_counter() - t0)
             except BaseException as exc:  # delivered to whoever waits on the future
                 fut.set_exception(exc)
                 self.on_state(f"error: {exc}", 0.0)
 
-
-def _key(model: MedSAM, plane: np.ndarray) -> str:
-    from .engine.cache import embedding_key
-
-    return embedding_key(model.name, plane)

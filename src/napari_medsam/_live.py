@@ -85,6 +85,7 @@ class LatestBoxDecoder:
         self._preview: Optional[BoxJob] = None
         self._accepts: deque = deque()
         self._stop = False
+        self._working = False
         self.dropped = 0
         self._thread = threading.Thread(target=self._run, name="medsam-decoder", daemon=True)
         self._thread.start()
@@ -105,8 +106,6 @@ class LatestBoxDecoder:
     def idle(self) -> bool:
         with self._cv:
             return self._preview is None and not self._accepts and not self._working
-
-    _working = False
 
     def shutdown(self) -> None:
         with self._cv:

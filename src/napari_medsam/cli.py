@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 from typing import List, Optional
 
 PROG = "napari-medsam"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .cache import Embedding, EmbeddingCache, embedding_key
 from .errors import ImageError
-from .intensity import Intensity, WindowLike, resolve_modality, to_uint8
+from .intensity import WindowLike, resolve_modality, to_uint8
 from .models.registry import ModelSpec, get_spec, load_weights
 from .prompts import check_image, normalize_boxes
 
@@ -135,13 +135,17 @@ class MedSAM:
 
     def embed_rgb(self, rgb: np.ndarray, use_cache: bool = True) -> Embedding:
         """Encode an already prepared (H, W, 3) uint8 image."""
+        return self.embed_rgb_status(rgb, use_cache)[0]
+
+    def embed_rgb_status(self, rgb: np.ndarray, use_cache: bool = True) -> Tuple[Embedding, bool]:
+        """Like :meth:`embed_rgb`, and say whether the encoder ran (False: a cache hit)."""
         key = embedding_key(self.name, rgb)
         if self.fast is not None:
             key += self.fast.key_suffix  # lossy fast encoders never share cache entries
         if use_cache:
             hit = self.cache.get(key)
             if hit is not None:
-                return hit
+                return hit, False
         x, resized = self.recipe.preprocess(rgb)
         t0 = time.perf_counter()
         with self._lock, torch.inference_mode():
@@ -149,7 +153,7 @@ class MedSAM:
             feats = (self.module.image_encoder if fast_enc is None else fast_enc)(x.to(self.device))
         self.last_encode_s = time.perf_counter() - t0
         emb = Embedding(feats, tuple(rgb.shape[:2]), resized, self.name, key)
-        return self.cache.put(emb) if use_cache else emb
+        return (self.cache.put(emb) if use_cache else emb), True
 
     # -- decoding ---------------------------------------------------------
     def predict(self, embedding: Embedding, boxes: BoxLike, region=None, exact: bool = False) -> Prediction:

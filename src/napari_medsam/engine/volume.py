@@ -51,7 +51,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .cache import embedding_key
 from .errors import BoxError, ImageError
 from .intensity import Intensity, WindowLike, resolve_modality, to_uint8
 from .prompts import MIN_SIDE, normalize_boxes
@@ -314,7 +313,7 @@ def propagate(
     """Segment one object in a volume from a box on one slice (or boxes on several).
 
     Args:
-        model: a :class:`~napari_medsam.engine.predictor.MedSAM` (needs ``embed_rgb``,
+        model: a :class:`~napari_medsam.engine.predictor.MedSAM` (needs ``embed_rgb_status``,
             ``predict``, ``recipe``, ``name`` and ideally ``cache``).
         volume: (D, H, W) array of any numeric dtype, or an RGB volume (D, H, W, 3).
         box: (x0, y0, x1, y1) on slice ``slice``, x = column, y = row, image pixels.
@@ -384,7 +383,6 @@ def propagate(
     margin_xy = (mx_model / sx, mx_model / sy)
 
     result = PropagationResult(np.zeros((depth,) + shape, dtype=bool), intensity=intensity)
-    cache = getattr(model, "cache", None)
     seen: Dict[int, object] = {}
 
     def embedding(z: int):
@@ -392,14 +390,8 @@ def propagate(
             return seen[z]
         rgb_slice = u8[z] if rgb else np.repeat(u8[z][:, :, None], 3, axis=-1)
         rgb_slice = np.ascontiguousarray(rgb_slice)
-        hit = False
-        if cache is not None:
-            try:
-                hit = embedding_key(model.name, rgb_slice) in cache
-            except Exception:  # a cache without membership test: count as encoded
-                hit = False
-        emb = model.embed_rgb(rgb_slice)
-        (result.cached if hit else result.encoded).append(z)
+        emb, encoded = model.embed_rgb_status(rgb_slice)
+        (result.encoded if encoded else result.cached).append(z)
         seen[z] = emb
         return emb
 

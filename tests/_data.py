@@ -1,0 +1,19 @@
+"""Where the tests find real data: the shared test data (optional) and the bundled samples."""
+
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(os.environ.get("MEDSAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SAMPLES = Path(str(files("napari_medsam") / "samples"))
+
+
+def require_shared() -> Path:
+    """The shared data folder, or skip the test saying where it was looked for."""
+    if not (SHARED / "cases.csv").is_file():
+        pytest.skip(f"shared test data not found at {SHARED} (set MEDSAM_SHARED_DATA to its folder)")
+    return SHARED
