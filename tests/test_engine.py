@@ -272,3 +272,41 @@ def test_ct_window_presets_and_errors(lite, samples):
         lite.prepare(ct, modality="ct", window="liverish")
     with pytest.raises(ImageError, match="width must be positive"):
         lite.prepare(ct, modality="ct", window=(40, 0))
+
+
+def test_compose_channels_scales_each_channel_and_fills_rgb(samples):
+    from napari_medsam.engine.intensity import compose_channels, parse_channels
+
+    nuclei = read_image(samples / "dsb2018_nuclei.png").array
+    nuclei = nuclei[..., 0] if nuclei.ndim == 3 else nuclei
+    dim = (nuclei.astype(np.float32) * 7.5 + 100.0)  # a 16-bit-like second channel, other range
+    stack = np.stack([nuclei, dim, np.zeros_like(dim)]).astype(np.float32)
+    one = compose_channels(stack, [0])
+    assert one.shape == nuclei.shape + (3,) and one.dtype == np.uint8
+    assert (one[..., 0] == one[..., 1]).all() and (one[..., 1] == one[..., 2]).all(), "one channel: gray"
+    two = compose_channels(stack, "1,0")
+    assert (two[..., 2] == 0).all(), "two channels: red and green, blue stays 0"
+    assert two[..., 0].max() == 255 and two[..., 1].max() == 255, "each channel scaled on its own"
+    assert np.corrcoef(two[..., 0].ravel(), two[..., 1].ravel())[0, 1] > 0.95
+    vol = np.stack([stack[:2]] * 4, axis=1)  # (C, Z, H, W)
+    assert compose_channels(vol, (0, 1)).shape == (4, *nuclei.shape, 3)
+    for bad, message in [("5", "does not exist"), ("0,1,0", "twice"), ("a", "indices"), ("0,1,2,0", "one to three")]:
+        with pytest.raises(ImageError, match=message):
+            parse_channels(bad, 3)
+    with pytest.raises(ImageError, match="no pixel above 0"):
+        compose_channels(stack, [2])  # an empty channel cannot be scaled
+    with pytest.raises(ImageError, match="channel axis"):
+        compose_channels(nuclei, [0])
+
+
+def test_segment_picked_channel_equals_segmenting_that_channel(lite, samples):
+    """A channel picked out of a stack is the same model input as the image on its own."""
+    from napari_medsam.engine.intensity import compose_channels
+
+    case = next(c for c in load_cases(samples) if c.image.name == "dsb2018_nuclei.png")
+    img = read_image(case.image).array
+    gray = img[..., 0] if img.ndim == 3 else img
+    stack = np.stack([np.flipud(gray), gray])
+    direct = lite.segment(gray, case.box)
+    picked = lite.segment(compose_channels(stack, [1]), case.box)
+    assert direct.any() and (picked == direct).all()

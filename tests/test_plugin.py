@@ -199,3 +199,28 @@ def test_propagate_drawn_box_through_volume(viewer_with, qtbot, samples):
     assert dice(labels == 1, direct) > 0.99, "the viewer gives what the engine API gives"
     c.undo()
     np.testing.assert_array_equal(c.labels.data, key_only)
+
+
+def test_multichannel_pick_channels(viewer_with, qtbot, samples):
+    """A (C, H, W) microscopy layer: the picked channel is segmented whatever channel is on screen."""
+    case = next(c for c in load_cases(samples) if c.image.name == "dsb2018_nuclei.png")
+    img = read_image(case.image).array
+    gray = img[..., 0] if img.ndim == 3 else img
+    stack = np.stack([np.flipud(gray), gray])  # channel 1 holds the nuclei of the case
+    viewer, layer, widget, c = viewer_with(stack, name="two channels")
+    assert c.labels.data.shape == stack.shape, "without channels picked, the channel axis is a slider"
+    widget.channels_edit.setText("1")
+    widget.start()
+    qtbot.waitUntil(lambda: c.labels.data.shape == gray.shape, timeout=60_000)
+    qtbot.waitUntil(c.encoder.request(()).done, timeout=120_000)
+    viewer.dims.set_point(0, 0)  # the other channel on screen: the picked one is still segmented
+    pump(50)
+    _draw(qtbot, viewer, widget, case.box)
+    got = c.labels.data == 1
+    assert dice(got, case.ground_truth()) > 0.7
+    assert (got == c.model.segment(gray, case.box)).all(), "the viewer gives what the engine gives"
+
+    widget.channels_edit.setText("0,7")
+    widget.last_error = None
+    widget.start()
+    assert widget.last_error is not None and "does not exist" in widget.last_error

@@ -20,6 +20,7 @@ from qtpy.QtCore import QObject, Signal
 from ._encoder import NOW, SOON, EncoderService, Source
 from ._history import Edit, History, apply_mask, bounding_region
 from ._live import BoxJob, BoxResult, LatestBoxDecoder
+from .engine.intensity import compose_channels
 from .engine.predictor import MedSAM
 
 BOXES = "MedSAM boxes"
@@ -69,6 +70,8 @@ class Controller:
         self.labels: Optional[Labels] = None
         self.preview: Optional[Labels] = None
         self.modality, self.window = "auto", None
+        self.channels = None
+        self.spatial: Tuple[int, ...] = ()
         self.next_label = 1
         self._generation = 0
         self._shown_generation = -1
@@ -83,17 +86,29 @@ class Controller:
         self.on_change: List = []
 
     # -- set-up ---------------------------------------------------------------
-    def attach(self, image: Image, modality: str = "auto", window=None) -> None:
-        """Use ``image``: make or reuse the MedSAM layers and start encoding the plane on screen."""
+    def attach(self, image: Image, modality: str = "auto", window=None, channels=None) -> None:
+        """Use ``image``: make or reuse the MedSAM layers and start encoding the plane on screen.
+
+        ``channels`` (e.g. ``"0,2"``): ``image``'s first axis is a channel axis; the
+        picked channels are combined into the model's RGB input
+        (:func:`~napari_medsam.engine.intensity.compose_channels`) and the labels
+        drop that axis, so they show over every channel.
+        """
         if image.rgb and image.data.shape[-1] not in (3, 4):
             raise ValueError(f"RGB layer {image.name!r} has {image.data.shape[-1]} channels")
+        if channels is not None and (image.rgb or image.ndim < 3):
+            raise ValueError(f"channels need a multichannel layer (channel axis first), {image.name!r} has shape {image.data.shape}")
         self.image = image
-        self.modality, self.window = modality, window
-        spatial = image.data.shape[:-1] if image.rgb else image.data.shape
+        self.channels = channels
+        self._lead0 = 0 if channels is None else 1  # image axes before the labels' first axis
+        spatial = image.data.shape[:-1] if image.rgb else image.data.shape[self._lead0:]
+        self.spatial = tuple(spatial)
+        scale, translate = image.scale[self._lead0:], image.translate[self._lead0:]
         self.labels = self._layer(LABELS, lambda: Labels(np.zeros(spatial, np.uint32), name=LABELS))
         if self.labels.data.shape != tuple(spatial):
             self.labels.data = np.zeros(spatial, np.uint32)
-        self.labels.scale, self.labels.translate = image.scale, image.translate
+            self.history = History()  # its patches belong to the old shape
+        self.labels.scale, self.labels.translate = scale, translate
         plane = spatial[-2:]
         self.preview = self._layer(PREVIEW, lambda: Labels(np.zeros(plane, np.uint8), name=PREVIEW, opacity=0.6))
         if self.preview.data.shape != tuple(plane):
@@ -103,7 +118,7 @@ class Controller:
         if BOXES in self.viewer.layers and self.viewer.layers[BOXES].ndim != len(spatial):
             self.viewer.layers.remove(BOXES)  # boxes of an image with other dimensions
         self.boxes = self._layer(BOXES, lambda: self._make_boxes(len(spatial)))
-        self.boxes.scale, self.boxes.translate = image.scale, image.translate
+        self.boxes.scale, self.boxes.translate = scale, translate
         self._hook_boxes()
         self.next_label = max(self.next_label, int(self.labels.data.max()) + 1)
         self._committed = self._snapshot()
@@ -114,17 +129,21 @@ class Controller:
     def set_intensity(self, modality: str, window=None) -> None:
         """Change the intensity rule: re-encode, the plane on screen first."""
         self.modality, self.window = modality, window
-        self.encoder.set_source(Source(self.image.data, bool(self.image.rgb), modality, window))
+        if self.channels is None:
+            source = Source(self.image.data, bool(self.image.rgb), modality, window)
+        else:
+            rgb = compose_channels(np.asarray(self.image.data), self.channels, axis=0, modality=modality, window=window)
+            source = Source(rgb, True, "uint8")
+        self.encoder.set_source(source)
         self.request_current()
 
     def current_index(self) -> Tuple[int, ...]:
         """Leading (non-displayed) indices of the plane the viewer shows, in image data coords."""
-        nlead = self.image.ndim - 2
+        nlead = len(self.spatial) - 2
         if nlead == 0:
             return ()
-        point = self.image.world_to_data(self.viewer.dims.point)
-        shape = self.image.data.shape
-        return tuple(int(np.clip(round(point[i]), 0, shape[i] - 1)) for i in range(nlead))
+        point = self.labels.world_to_data(self.viewer.dims.point)
+        return tuple(int(np.clip(round(point[i]), 0, self.spatial[i] - 1)) for i in range(nlead))
 
     def request_current(self) -> None:
         if self.image is None:
@@ -134,7 +153,7 @@ class Controller:
         if idx:  # prefetch the neighbours in the background
             for step in (1, -1):
                 nb = (*idx[:-1], idx[-1] + step)
-                if 0 <= nb[-1] < self.image.data.shape[len(idx) - 1]:
+                if 0 <= nb[-1] < self.spatial[len(idx) - 1]:
                     self.encoder.request(nb, SOON)
 
     def _layer(self, name, make):
@@ -369,37 +388,32 @@ class Controller:
             self.boxes.remove_selected()
 
     def undo(self) -> None:
-        edit = self.history.undo()
-        if edit is None:
-            self.report("nothing to undo")
-            return
-        for p in reversed(edit.patches):
-            self.labels.data[p.region] = p.before
-        self._restore(edit.boxes_before)
-        self._committed = edit.boxes_before
-        self.labels.refresh()
-        self.report(f"undid {edit.name}")
-        self._changed("undo")
+        self._step(self.history.undo(), undo=True)
 
     def redo(self) -> None:
-        edit = self.history.redo()
+        self._step(self.history.redo(), undo=False)
+
+    def _step(self, edit: Optional[Edit], undo: bool) -> None:
+        """Put labels and boxes back to the state before (undo) or after (redo) ``edit``."""
+        word = "undo" if undo else "redo"
         if edit is None:
-            self.report("nothing to redo")
+            self.report(f"nothing to {word}")
             return
-        for p in edit.patches:
-            self.labels.data[p.region] = p.after
-        self._restore(edit.boxes_after)
-        self._committed = edit.boxes_after
+        for p in (reversed(edit.patches) if undo else edit.patches):
+            self.labels.data[p.region] = p.before if undo else p.after
+        state = edit.boxes_before if undo else edit.boxes_after
+        self._restore(state)
+        self._committed = state
         self.labels.refresh()
-        self.report(f"redid {edit.name}")
-        self._changed("redo")
+        self.report(f"{'undid' if undo else 'redid'} {edit.name}")
+        self._changed(word)
 
     # -- 3D ---------------------------------------------------------------------
     def propagate_selected(self, **options) -> None:
         """Propagate the selected (or last) accepted box through the volume in a worker."""
         from ._propagation import start_propagation
 
-        if self.image is None or self.image.ndim - (0) < 3:
+        if self.image is None or len(self.spatial) < 3:
             show_error("MedSAM: propagation needs a 3D image")
             return
         sel = sorted(self.boxes.selected_data) or ([len(self.boxes.data) - 1] if len(self.boxes.data) else [])

@@ -44,10 +44,11 @@ class Propagation:
 
     def _run(self) -> None:
         c = self.c
+        src = c.encoder.source  # the image as the model sees it (channels composed)
         try:
             c.model.segment_volume(
-                np.asarray(c.image.data), self.box, self.z,
-                modality=c.modality, window=c.window,
+                np.asarray(src.data), self.box, self.z,
+                modality=src.modality, window=src.window,
                 on_slice=lambda z, m: c.bridge.slice_done.emit((self, z, m)),
                 cancel=self.cancel_event, **self.options,
             )

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._controller import Controller
-from .engine.intensity import CT_PRESETS, window_from_limits
+from .engine.intensity import CT_PRESETS, parse_channels, window_from_limits
 from .engine.models.registry import REGISTRY
 from .engine.predictor import MedSAM
 
@@ -84,6 +84,11 @@ class MedSAMWidget(QWidget):
         self.intensity_combo.addItems(INTENSITY_CHOICES)
         self.level = QDoubleSpinBox(minimum=-5000, maximum=5000, value=40, toolTip="CT window level (HU)")
         self.width = QDoubleSpinBox(minimum=1, maximum=10000, value=400, toolTip="CT window width (HU)")
+        self.channels_edit = QLineEdit(
+            placeholderText="as displayed",
+            toolTip="Multichannel layer (channel axis first): channels to combine as red, green, blue, e.g. 0 or 1,0. "
+            "Each is scaled on its own; labels drop the channel axis. Empty: segment the plane on screen",
+        )
         self.label_spin = QSpinBox(minimum=1, maximum=2**31 - 1, value=1, toolTip="Label id of the next new object")
 
         self.start_btn = QPushButton("Start / apply settings", toolTip="Load the model and encode the image on screen")
@@ -108,6 +113,7 @@ class MedSAMWidget(QWidget):
         lw.addWidget(self.level)
         lw.addWidget(self.width)
         form.addRow("level / width", lw)
+        form.addRow("channels", self.channels_edit)
         form.addRow("next label", self.label_spin)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -131,6 +137,7 @@ class MedSAMWidget(QWidget):
         self.label_spin.valueChanged.connect(self._set_next_label)
         self.image_combo.activated.connect(lambda _: self.start())
         self.intensity_combo.activated.connect(lambda _: self.start())
+        self.channels_edit.editingFinished.connect(self.start)
         self.viewer.layers.events.inserted.connect(self._refresh_images)
         self.viewer.layers.events.removed.connect(self._refresh_images)
         self._refresh_images()
@@ -172,6 +179,15 @@ class MedSAMWidget(QWidget):
         if choice == "RGB":
             return "rgb", None
         return "auto", None
+
+    def channels(self, image: Image):
+        """The picked channel indices along ``image``'s first axis, or None (segment what is displayed)."""
+        text = self.channels_edit.text().strip()
+        if not text:
+            return None
+        if image.rgb or image.ndim < 3:
+            raise ValueError(f"channels: {image.name!r} (shape {image.data.shape}) has no channel axis; clear the field")
+        return parse_channels(text, image.data.shape[0])
 
     def set_status(self, text: str) -> None:
         busy = text.startswith(("encoding", "loading", "waiting", "propagating"))
@@ -236,7 +252,7 @@ class MedSAMWidget(QWidget):
     def _attach(self, image: Image) -> None:
         try:
             modality, window = self.intensity(image)
-            self.controller.attach(image, modality, window)
+            self.controller.attach(image, modality, window, self.channels(image))
             self.label_spin.blockSignals(True)
             self.label_spin.setValue(self.controller.next_label)
             self.label_spin.blockSignals(False)

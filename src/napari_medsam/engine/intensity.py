@@ -158,3 +158,66 @@ def to_uint8(image: np.ndarray, intensity: Intensity) -> np.ndarray:
     else:
         raise ImageError(f"unknown intensity rule {intensity.rule!r}")
     return out.astype(np.uint8)
+
+
+def parse_channels(spec: Union[None, str, Sequence[int]], n_channels: int) -> Optional[Tuple[int, ...]]:
+    """``"0,2"``, ``"1"``, ``[0, 2]`` or ``None``/``""`` -> checked channel indices (None: no composition).
+
+    At most three channels (they become R, G, B); negative indices count from the end.
+    """
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    if isinstance(spec, str):
+        try:
+            spec = [int(v) for v in spec.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise ImageError(f"channels must be indices like '0' or '0,2', got {spec!r}") from None
+    picked = []
+    for c in spec:
+        c = int(c)
+        if not -n_channels <= c < n_channels:
+            raise ImageError(f"channel {c} does not exist: the channel axis has {n_channels} channels (0..{n_channels - 1})")
+        picked.append(c % n_channels)
+    if not 1 <= len(picked) <= 3:
+        raise ImageError(f"pick one to three channels (they become red, green, blue), got {len(picked)}")
+    if len(set(picked)) != len(picked):
+        raise ImageError(f"channel listed twice in {list(spec)}")
+    return tuple(picked)
+
+
+def compose_channels(
+    data: np.ndarray, channels: Sequence[int], axis: int = 0, modality: str = "auto", window: WindowLike = None
+) -> np.ndarray:
+    """Multichannel image -> 8-bit RGB for the model: each picked channel scaled on its own.
+
+    Each channel of ``data`` along ``axis`` listed in ``channels`` gets its own
+    intensity rule (``modality`` and ``window`` as in :func:`resolve_modality`; ``auto``
+    means 8-bit data unchanged, anything else the percentile rule over the whole
+    channel).
+    One channel is repeated into gray; two or three fill red, green (, blue), the
+    missing blue staying 0, like an ordinary two-colour fluorescence overlay.
+
+    Returns:
+        uint8 array of ``data``'s shape without ``axis`` plus a last axis of 3.
+    """
+    data = np.asarray(data)
+    if data.ndim < 3:
+        raise ImageError(f"a multichannel image needs a channel axis and 2 spatial axes, got shape {data.shape}")
+    axis = axis % data.ndim
+    if axis >= data.ndim - 2:
+        raise ImageError(f"the channel axis must come before the 2 displayed axes, got axis {axis} of shape {data.shape}")
+    picked = parse_channels(channels, data.shape[axis])
+    if picked is None:
+        raise ImageError("no channels picked")
+    planes = []
+    for c in picked:
+        ch = np.take(data, c, axis=axis)
+        rule = resolve_modality(ch, modality, window)
+        if rule.rule == "rgb":
+            raise ImageError("a channel of a multichannel image is not RGB")
+        planes.append(to_uint8(ch, rule))
+    if len(planes) == 1:
+        planes = planes * 3
+    while len(planes) < 3:
+        planes.append(np.zeros_like(planes[0]))
+    return np.stack(planes, axis=-1)
