@@ -125,7 +125,7 @@ def bench_drag(n_moves=60):
     pump(200)
     draws, shown = [], []
     canvas = viewer.window._qt_viewer.canvas._scene_canvas
-    canvas.events.draw.connect(lambda e: draws.append(time.perf_counter()))
+    canvas.events.draw.connect(lambda e: draws.append(time.perf_counter()), position="last")
     orig = c._show_preview
 
     def record(res):

@@ -224,3 +224,27 @@ def test_multichannel_pick_channels(viewer_with, qtbot, samples):
     widget.last_error = None
     widget.start()
     assert widget.last_error is not None and "does not exist" in widget.last_error
+
+
+def test_previews_decode_in_child_process_and_survive_its_death(viewer_with, qtbot, samples):
+    """Previews are served by the decoder process; if it dies they go on in-process."""
+    case = next(c for c in load_cases(samples) if c.image.name == "busi_malignant_1.png")
+    viewer, layer, widget, c = viewer_with(read_image(case.image).array, name="us")
+    assert c.remote is not None, "LiteMedSAM on the CPU previews in a child process"
+    assert c.remote.wait_ready(180), c.remote.error
+    x0, y0, x1, y1 = case.box
+    before = c.stats["preview_updates"]
+    _draw(qtbot, viewer, widget, case.box, steps=10)
+    assert c.remote.answered >= 1 and c.stats["preview_updates"] > before
+    assert dice(c.labels.data == 1, case.ground_truth()) > 0.85
+
+    c.remote._proc.kill()
+    c.remote._proc.wait()
+    before, answered = c.stats["preview_updates"], c.remote.answered
+    c.undo()
+    assert not c.labels.data.any()
+    c.boxes.mode = "add_rectangle"
+    _draw(qtbot, viewer, widget, case.box, steps=10)
+    assert c.stats["preview_updates"] > before, "previews go on without the child"
+    assert c.remote.answered == answered and not c.remote.ready
+    assert dice(c.labels.data > 0, case.ground_truth()) > 0.85

@@ -8,6 +8,7 @@ Qt signals of :class:`_Bridge` so that layers are only touched in the GUI thread
 from __future__ import annotations
 
 import atexit
+import os
 import time
 import weakref
 from typing import List, Optional, Tuple
@@ -19,7 +20,8 @@ from qtpy.QtCore import QObject, Signal
 
 from ._encoder import NOW, SOON, EncoderService, Source
 from ._history import Edit, History, apply_mask, bounding_region
-from ._live import BoxJob, BoxResult, LatestBoxDecoder
+from ._live import PREVIEW_FAST, BoxJob, BoxResult, LatestBoxDecoder
+from .engine.decoder_process import DecoderProcess
 from .engine.intensity import compose_channels
 from .engine.predictor import MedSAM
 
@@ -34,6 +36,11 @@ class _Bridge(QObject):
     busy = Signal(bool)
     slice_done = Signal(object)
     propagation_done = Signal(object)
+
+
+def _use_process(model: MedSAM) -> bool:
+    """Previews decode in a child process unless NAPARI_MEDSAM_DECODER_PROCESS=0 (see engine/decoder_process.py)."""
+    return os.environ.get("NAPARI_MEDSAM_DECODER_PROCESS", "1") != "0" and DecoderProcess.supported(model)
 
 
 def box_of(vertices: np.ndarray) -> Tuple[Tuple[int, ...], Tuple[float, float, float, float]]:
@@ -63,7 +70,8 @@ class Controller:
         self.bridge.state.connect(self._on_state)
         self.bridge.busy.connect(lambda b: self.report("waiting for the encoder..." if b else "ready"))
         self.encoder = EncoderService(model, on_state=self.bridge.state.emit)
-        self.decoder = LatestBoxDecoder(model, self.bridge.result.emit, self.bridge.busy.emit)
+        self.remote = DecoderProcess(model, fast=PREVIEW_FAST, start=False) if _use_process(model) else None
+        self.decoder = LatestBoxDecoder(model, self.bridge.result.emit, self.bridge.busy.emit, self.remote)
         self.history = History()
         self.image: Optional[Image] = None
         self.boxes: Optional[Shapes] = None
@@ -267,6 +275,8 @@ class Controller:
 
     def _on_state(self, text: str, seconds: float) -> None:
         if text == "ready":
+            if self.remote is not None:
+                self.remote.start()  # after the first encode, so the two do not share the CPU
             self.stats["last_encode_s"] = seconds
             self.report(f"ready (last encode {seconds:.2f} s)")
         elif text.startswith("error"):

@@ -19,7 +19,12 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
+from .engine.decoder_process import DecoderProcess, DecoderUnavailable
 from .engine.predictor import MedSAM, Prediction
+
+#: previews decode with the fused decoder on one thread (engine/fast.py); the
+#: encoder and accepted labels keep the authors' exact numerics.
+PREVIEW_FAST = {"encoder": None, "decoder": "fused", "auto_region": True, "decoder_threads": 1}
 
 Index = Tuple[int, ...]
 
@@ -77,8 +82,12 @@ def preview_region(box, shape, margin: float = 0.25) -> Tuple[int, int, int, int
 class LatestBoxDecoder:
     """Single worker thread answering box jobs; see the module docstring."""
 
-    def __init__(self, model: MedSAM, on_result: Callable[[BoxResult], None], on_busy: Callable[[bool], None] = lambda b: None):
+    def __init__(
+        self, model: MedSAM, on_result: Callable[[BoxResult], None], on_busy: Callable[[bool], None] = lambda b: None,
+        remote: Optional[DecoderProcess] = None,
+    ):
         self.model = model
+        self.remote = remote  # previews go to this child process when it is ready
         self.on_result = on_result
         self.on_busy = on_busy
         self._cv = threading.Condition()
@@ -108,6 +117,8 @@ class LatestBoxDecoder:
             return self._preview is None and not self._accepts and not self._working
 
     def shutdown(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
         with self._cv:
             self._stop = True
             self._cv.notify()
@@ -156,5 +167,12 @@ class LatestBoxDecoder:
             region, pred = None, self.model.predict(emb, job.box, exact=True)
         else:
             region = preview_region(job.box, emb.original_size)
-            pred = self.model.predict(emb, job.box, region=region)
+            pred = None
+            if self.remote is not None and self.remote.ready:
+                try:
+                    pred = self.remote.predict(emb, job.box, region)
+                except DecoderUnavailable:
+                    pred = None  # decode here instead
+            if pred is None:
+                pred = self.model.predict(emb, job.box, region=region)
         return BoxResult(job, pred, region, decode_s=time.perf_counter() - t0)

@@ -24,6 +24,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._controller import Controller
+from ._live import PREVIEW_FAST
 from .engine.intensity import CT_PRESETS, parse_channels, window_from_limits
 from .engine.models.registry import REGISTRY
 from .engine.predictor import MedSAM
@@ -35,9 +36,6 @@ INTENSITY_CHOICES = (
 )
 
 
-#: the live preview decodes with the fused decoder on one thread (engine/fast.py);
-#: encoder and accepted labels keep the authors' exact numerics.
-PREVIEW_FAST = {"encoder": None, "decoder": "fused", "auto_region": True, "decoder_threads": 1}
 
 
 def _guard_triton() -> None:

@@ -1,0 +1,72 @@
+"""The preview decoder in a child process gives the in-process masks and fails over cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_medsam import MedSAM
+from napari_medsam._live import PREVIEW_FAST, preview_region
+from napari_medsam.engine.decoder_process import DecoderProcess, DecoderUnavailable
+from napari_medsam.engine.evaluation import load_cases
+
+
+@pytest.fixture(scope="module")
+def fused():
+    return MedSAM.load("litemedsam", device="cpu", fast=PREVIEW_FAST)
+
+
+@pytest.fixture(scope="module")
+def child(fused):
+    proc = DecoderProcess(fused, fast=PREVIEW_FAST)
+    assert proc.wait_ready(180), proc.error
+    yield proc
+    proc.close()
+
+
+def test_child_masks_equal_in_process(fused, child, samples):
+    cases = [c for c in load_cases(samples) if c.dims == 2][:6]
+    assert len({c.image for c in cases}) >= 2
+    for case in cases:
+        emb = fused.embed(_image(case))
+        region = preview_region(case.box, emb.original_size)
+        here = fused.predict(emb, case.box, region=region)
+        there = child.predict(emb, case.box, region)
+        assert here.masks.shape == there.masks.shape
+        assert here.masks.any(), case.case
+        assert (here.masks == there.masks).all(), case.case
+        np.testing.assert_allclose(here.iou, there.iou, rtol=1e-5)
+
+
+def test_child_errors_are_the_engines(fused, child, samples):
+    emb = fused.embed(_image(load_cases(samples)[0]))
+    with pytest.raises(ValueError, match="BoxError"):
+        child.predict(emb, (10, 10, 10, 10))  # zero area
+    assert child.ready, "a bad box does not stop the child"
+
+
+def test_not_started_and_killed_child_is_unavailable(fused, samples):
+    emb = fused.embed(_image(load_cases(samples)[0]))
+    idle = DecoderProcess(fused, fast=PREVIEW_FAST, start=False)
+    with pytest.raises(DecoderUnavailable):
+        idle.predict(emb, (8, 133, 439, 403))
+    proc = DecoderProcess(fused, fast=PREVIEW_FAST)
+    assert proc.wait_ready(180), proc.error
+    proc._proc.kill()
+    proc._proc.wait()
+    with pytest.raises(DecoderUnavailable, match="stopped"):
+        proc.predict(emb, (8, 133, 439, 403))
+    assert not proc.ready
+    proc.close()
+
+
+def test_only_pretrained_litemedsam_on_cpu(fused):
+    assert DecoderProcess.supported(fused)
+    random = MedSAM.load("litemedsam", device="cpu", weights="random")
+    assert not DecoderProcess.supported(random), "random weights cannot be reloaded in a child"
+
+
+def _image(case):
+    from napari_medsam.engine.io import read_image
+
+    return read_image(case.image).array
