@@ -100,18 +100,67 @@ def bench_engine(n_boxes=100, n_encode=8):
     ], emb.nbytes
 
 
-def bench_drag(n_moves=60):
-    """A scripted drag in a real viewer; mask updates per second and move -> drawn latency."""
+def _viewer_with_nuclei():
     import napari
-    from _gui import drag, pump
 
-    from napari_medsam._widget import MedSAMWidget
     from napari_medsam.engine.io import read_image
 
     img = read_image(ROOT / "src/napari_medsam/samples/dsb2018_nuclei.png").array
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1400, 900)
     layer = viewer.add_image(img, name="nuclei")
+    return viewer, layer
+
+
+def _draw_times(viewer):
+    """perf_counter times at which canvas draws *finished* (our callback runs after the scene's)."""
+    draws = []
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas
+    canvas.events.draw.connect(lambda e: draws.append(time.perf_counter()), position="last")
+    return draws
+
+
+# an object-sized box grows and shifts over 60 moves, ~60 Hz like a real mouse
+DRAG_START = (120, 100)
+
+
+def _drag_path(n_moves):
+    return [(150 + 0.6 * i, 140 + 1.1 * i) for i in range(n_moves)]
+
+
+def bench_bare_drag(n_moves=60):
+    """napari alone: the same rectangle drag on a plain Shapes layer (the ceiling for any plugin)."""
+    from _gui import drag, pump
+
+    viewer, layer = _viewer_with_nuclei()
+    shapes = viewer.add_shapes(ndim=2, name="boxes", edge_color="yellow", face_color="transparent")
+    shapes.mode = "add_rectangle"
+    viewer.reset_view()
+    pump(300)
+    draws = _draw_times(viewer)
+    moves = []
+    start = time.perf_counter()
+    drag(viewer, layer, DRAG_START, None, path=_drag_path(n_moves), wait_ms=16, on_move=lambda i, t: moves.append(t))
+    pump(100)
+    elapsed = time.perf_counter() - start
+    lat = [next(d for d in draws if d >= t) - t for t in moves if any(d >= t for d in draws)]
+    n_draws = len([d for d in draws if d >= start])
+    viewer.close()
+    return {"rate": n_draws / elapsed, "n": n_draws, "lat": stats(lat), "elapsed": elapsed}
+
+
+def bench_drag(n_moves=60, process=True):
+    """A scripted drag in a real viewer; mask updates per second and move -> drawn latency.
+
+    ``process``: previews decoded by the child process (the default) or by the
+    decoder thread in the GUI's process (``NAPARI_MEDSAM_DECODER_PROCESS=0``).
+    """
+    from _gui import drag, pump
+
+    from napari_medsam._widget import MedSAMWidget
+
+    os.environ["NAPARI_MEDSAM_DECODER_PROCESS"] = "1" if process else "0"
+    viewer, layer = _viewer_with_nuclei()
     widget = MedSAMWidget(viewer)
     viewer.window.add_dock_widget(widget)
     t0 = time.time()
@@ -121,22 +170,23 @@ def bench_drag(n_moves=60):
     fut = c.encoder.request(())
     while not fut.done():
         pump(50)
+    if c.remote is not None:
+        while not c.remote.ready and time.time() - t0 < 180:
+            pump(50)
     viewer.reset_view()
     pump(200)
-    draws, shown = [], []
-    canvas = viewer.window._qt_viewer.canvas._scene_canvas
-    canvas.events.draw.connect(lambda e: draws.append(time.perf_counter()), position="last")
+    draws = _draw_times(viewer)
+    shown, decode = [], []
     orig = c._show_preview
 
     def record(res):
         orig(res)
         shown.append((res.job.t_event, time.perf_counter()))
+        decode.append(res.decode_s)
 
     c._show_preview = record
-    # an object-sized box grows and shifts over 60 moves, ~60 Hz like a real mouse
-    path = [(150 + 0.6 * i, 140 + 1.1 * i) for i in range(n_moves)]
     start = time.perf_counter()
-    drag(viewer, layer, (120, 100), None, path=path, wait_ms=16)
+    drag(viewer, layer, DRAG_START, None, path=_drag_path(n_moves), wait_ms=16)
     while not c.decoder.idle():
         pump(10)
     pump(100)
@@ -146,9 +196,13 @@ def bench_drag(n_moves=60):
         after = [d for d in draws if d >= t_set]
         if after:
             lat.append(after[0] - t_event)
-    updates = len(shown)
+    answered = c.remote.answered if c.remote is not None else 0
     viewer.close()
-    return updates / elapsed, updates, stats(lat) if lat else (float("nan"), float("nan")), c.decoder.dropped
+    os.environ.pop("NAPARI_MEDSAM_DECODER_PROCESS", None)
+    return {
+        "rate": len(shown) / elapsed, "n": len(shown), "lat": stats(lat) if lat else (float("nan"),) * 2,
+        "dropped": c.decoder.dropped, "decode": stats(decode), "child": answered,
+    }
 
 
 def bench_volume():
@@ -191,6 +245,29 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
+NOTES = """
+## Reading these numbers
+
+- The default path is the authors' numerics, so its speed equals theirs (ratios ~1.0);
+  the opt-in fast paths of issue #6 are timed by `python benchmarks/speed.py`.
+- Live drag: previews are decoded by the fused decoder (engine/fast.py) in a child
+  process (engine/decoder_process.py). In a thread of the GUI's process the decoder
+  waited for the GIL between its ~100 small torch ops while napari's Python ran, so a
+  35 ms decode took about 200 ms; the "decoder thread" row keeps that path for comparison.
+- The ceiling here is napari itself: under Xvfb's software OpenGL one canvas draw of
+  this window costs 35-50 ms (about 20 ms with no layer at all) and napari handles about
+  11 rectangle moves per second with no plugin. Every move gets its preview (no stale
+  box skipped); a preview shows about two frames after its move (decode in the child
+  about 50 ms while the GUI and llvmpipe's threads share the 2 cores, then one draw).
+  Issue #3's targets (>= 20 updates/s, p95 <= 60 ms) are below napari's own rectangle
+  drag here; with a GPU the draw cost, and most of this latency, goes away.
+- Earlier tables (before 2026-11-28) timed "drawn" at the *start* of the next draw; the
+  latency here ends when that draw has finished.
+- `--volume` adds 3D propagation timing (box release -> full 3D mask with a cold cache,
+  slices encoded, peak memory); it takes minutes.
+"""
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--drag", action="store_true", help="also run the live-drag benchmark (needs a display)")
@@ -213,17 +290,33 @@ def main(argv=None):
         lines.append(f"| {name} | {n} | {om:.1f} | {op:.1f} | {tm:.1f} | {tp:.1f} | {om / tm:.2f} |")
     lines += ["", f"Cached embedding: {emb_bytes / 1e6:.2f} MB (fp32; `EmbeddingCache(fp16=True)` halves it)."]
     if a.drag:
-        ups, n, (p50, p95), dropped = bench_drag()
+        bare = bench_bare_drag()
+        runs = [("decoder process (default)", bench_drag(process=True)), ("decoder thread", bench_drag(process=False))]
         lines += [
             "",
             "## Live drag in a real viewer (Xvfb, software OpenGL)",
             "",
-            "60 scripted mouse moves at ~60 Hz over a 512 x 512 image; latency = from the move event to the "
-            "first canvas draw after the preview layer got that box's mask.",
+            "60 scripted mouse moves, 16 ms apart, over a 512 x 512 image in a 1400 x 900 window "
+            "(canvas about 1050 x 850). Latency = from the move event to the end of the first canvas draw "
+            "after the preview layer got that box's mask; decode = box sent -> mask back, as the GUI sees it. "
+            "napari alone = the same drag on a plain Shapes layer, no plugin, in the same run: its draws per "
+            "second and move -> drawn latency are the ceiling for any preview.",
             "",
-            "| mask updates / s | updates | latency p50 (ms) | latency p95 (ms) | stale boxes skipped |",
-            "|---|---|---|---|---|",
-            f"| {ups:.1f} | {n} | {p50:.0f} | {p95:.0f} | {dropped} |",
+            "| run | updates / s | updates | latency p50 (ms) | latency p95 (ms) | decode p50 / p95 (ms) | stale boxes skipped |",
+            "|---|---|---|---|---|---|---|",
+            f"| napari alone (draws) | {bare['rate']:.1f} | {bare['n']} | {bare['lat'][0]:.0f} | {bare['lat'][1]:.0f} | - | - |",
+        ]
+        for name, r in runs:
+            lines.append(
+                f"| MedSAM, {name} | {r['rate']:.1f} | {r['n']} | {r['lat'][0]:.0f} | {r['lat'][1]:.0f} | "
+                f"{r['decode'][0]:.0f} / {r['decode'][1]:.0f} | {r['dropped']} |"
+            )
+        r = runs[0][1]
+        lines += [
+            "",
+            f"Ratios to napari alone (default run): updates / s {r['rate'] / bare['rate']:.2f}, "
+            f"latency p50 {r['lat'][0] / bare['lat'][0]:.2f}, p95 {r['lat'][1] / bare['lat'][1]:.2f}. "
+            f"The child process answered {r['child']} of the {r['n']} previews.",
         ]
     if a.volume:
         vrows, peak = bench_volume()
@@ -236,7 +329,7 @@ def main(argv=None):
         ]
         lines += [f"| {c} | {shape} | {sec:.1f} | {enc} | {nz} |" for c, shape, sec, enc, nz in vrows]
         lines += ["", f"Peak resident memory of the benchmark process: {peak:.0f} MB."]
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + NOTES
     print(text)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)
