@@ -109,6 +109,18 @@ def fuse_tinyvit(encoder: nn.Module, sdpa: bool = True) -> nn.Module:
     return enc
 
 
+class ChannelsLast(nn.Module):
+    """Runs a conv net in channels-last memory order (oneDNN's depthwise 3x3 convs of the
+    first TinyViT stage are ~2.5x faster so; the encoder ~10%), returns a contiguous NCHW result."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+
 def have_onnxruntime() -> bool:
     """onnxruntime (to run) and onnx (torch.onnx.export needs it) both importable."""
     try:
@@ -202,7 +214,7 @@ def build_encoder(model, kind: str):
         raise ValueError(f"fast encoders exist for litemedsam only, not {model.name!r}")
     fused = fuse_tinyvit(model.module.image_encoder)
     if kind == "fused":
-        return fused
+        return ChannelsLast(fused)
     if kind == "onnx":
         if not have_onnxruntime():
             log.warning("onnxruntime/onnx not installed (pip install 'napari-medsam[onnx]'); "
