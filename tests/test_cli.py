@@ -184,3 +184,21 @@ def test_batch_cli_setup_errors_exit_2(tmp_path, capsys):
 def test_download_unknown_model_exit_2(capsys):
     assert cli.main(["download", "nosuch"]) == 2
     assert "unknown model" in _one_error_line(capsys.readouterr().err)
+
+
+def test_segment_picked_channel_of_a_cyx_tiff(use_shared_model, tmp_path, capsys):
+    """A two-channel CYX TIFF: --channels 1 segments exactly what the single image gives."""
+    from napari_medsam.engine.io import read_image
+
+    gray = read_image(BUSI).array
+    gray = gray[..., 0] if gray.ndim == 3 else gray
+    stack = tmp_path / "cyx.tif"
+    tifffile.imwrite(stack, np.stack([np.fliplr(gray), gray]))
+    one, two = tmp_path / "one.tif", tmp_path / "two.tif"
+    assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(one), "--device", "cpu"]) == 0
+    assert cli.main(["segment", str(stack), "--channels", "1", "--box", BUSI_BOX, "-o", str(two), "--device", "cpu"]) == 0
+    a, b = tifffile.imread(one), tifffile.imread(two)
+    assert a.any() and (a == b).all()
+    capsys.readouterr()
+    assert cli.main(["segment", str(stack), "--channels", "4", "--box", BUSI_BOX, "-o", str(two)]) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, metavar="MASK", help="output label file (.tif, .nii.gz or .png); 1 = object")
     s.add_argument("--modality", default="auto", help="auto, ct, mr, rgb, ultrasound, xray, ... (default auto)")
     s.add_argument("--window", metavar="L,W|PRESET", help="CT window 'level,width' or a preset (soft_tissue, lung, brain, ...)")
+    s.add_argument("--channels", metavar="C[,C[,C]]", help=(
+        "multichannel image, channel axis first (e.g. a CYX TIFF): channels combined as red, green, blue, "
+        "each scaled on its own (--modality/--window apply per channel)"))
     s.add_argument("--slice", type=int, metavar="Z", help="volume: index (axis 0) of the slice the box is on")
     s.add_argument("--propagate", action="store_true", help="volume: segment the object in 3D from the key slice")
     s.add_argument("--z-range", metavar="FIRST,LAST", help="volume: limit propagation to these slices")
@@ -87,13 +90,31 @@ def cmd_segment(a: argparse.Namespace) -> int:
             raise BatchError(f"--z-range must be FIRST,LAST, got {a.z_range!r}") from None
         z_range = (min(z), max(z))
     image = read_image(a.image)
+    modality, window = a.modality, a.window
+    if a.channels:
+        image, modality, window = _composed(image, a.channels, modality, window)
     model = load_model(a.model, a.device, a.checkpoint)
-    seg = ImageSession(model, image).segment(box, a.modality, a.window, a.slice, a.propagate, z_range)
+    seg = ImageSession(model, image).segment(box, modality, window, a.slice, a.propagate, z_range)
     out = write_labels(a.output, seg.mask.astype("uint8"), like=image)
     iou = "" if seg.iou is None else f", predicted IoU {seg.iou:.3f}"
     print(f"wrote {out}: {int(seg.mask.sum())} object pixels of {seg.mask.size}{iou}; "
           f"encode {_fmt_s(seg.encode_s)}, decode {_fmt_s(seg.decode_s)} ({model.name} on {model.device})")
     return 0
+
+
+def _composed(image, channels: str, modality: str, window):
+    """ImageData with its first axis taken as channels -> RGB ImageData the model reads as is."""
+    import dataclasses
+
+    from .engine.errors import ImageError
+    from .engine.intensity import compose_channels
+
+    if image.kind == "rgb":
+        raise ImageError(f"--channels needs a multichannel image (channel axis first), {image.path} is RGB")
+    rgb = compose_channels(image.array, channels, axis=0, modality=modality, window=window)
+    spacing = image.spacing[1:] if image.spacing else None
+    kind = "rgb" if rgb.ndim == 3 else "volume"
+    return dataclasses.replace(image, array=rgb, spacing=spacing, kind=kind, affine=None), "rgb", None
 
 
 def cmd_batch(a: argparse.Namespace) -> int:
