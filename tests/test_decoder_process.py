@@ -70,3 +70,18 @@ def _image(case):
     from napari_medsam.engine.io import read_image
 
     return read_image(case.image).array
+
+
+def test_child_that_cannot_load_says_why_and_close_is_quick(fused, tmp_path):
+    import time
+
+    bad = DecoderProcess(fused, fast=PREVIEW_FAST, start=False)
+    bad.checkpoint = str(tmp_path / "missing.pth")
+    bad.start()
+    assert not bad.wait_ready(180)
+    assert "did not start" in bad.error and "missing.pth" in bad.error
+    starting = DecoderProcess(fused, fast=PREVIEW_FAST)
+    t = time.perf_counter()
+    starting.close()  # while the child is still importing torch
+    assert time.perf_counter() - t < 10
+    assert not starting.wait_ready(60) and starting._proc is None

@@ -224,6 +224,11 @@ def test_multichannel_pick_channels(viewer_with, qtbot, samples):
     widget.last_error = None
     widget.start()
     assert widget.last_error is not None and "does not exist" in widget.last_error
+    widget.channels_edit.setText("")  # back to the (C, H, W) stack: the 2D labels would be lost
+    widget.last_error = None
+    widget.start()
+    assert widget.last_error is not None and "save or rename" in widget.last_error
+    assert (c.labels.data == got).all() and c.channels == (1,), "a refused change changes nothing"
 
 
 def test_previews_decode_in_child_process_and_survive_its_death(viewer_with, qtbot, samples):

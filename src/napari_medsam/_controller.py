@@ -22,7 +22,6 @@ from ._encoder import NOW, SOON, EncoderService, Source
 from ._history import Edit, History, apply_mask, bounding_region
 from ._live import PREVIEW_FAST, BoxJob, BoxResult, LatestBoxDecoder
 from .engine.decoder_process import DecoderProcess
-from .engine.intensity import compose_channels
 from .engine.predictor import MedSAM
 
 BOXES = "MedSAM boxes"
@@ -106,12 +105,21 @@ class Controller:
             raise ValueError(f"RGB layer {image.name!r} has {image.data.shape[-1]} channels")
         if channels is not None and (image.rgb or image.ndim < 3):
             raise ValueError(f"channels need a multichannel layer (channel axis first), {image.name!r} has shape {image.data.shape}")
+        lead0 = 0 if channels is None else 1  # image axes before the labels' first axis
+        spatial = tuple(image.data.shape[:-1] if image.rgb else image.data.shape[lead0:])
+        if LABELS in self.viewer.layers:
+            old = self.viewer.layers[LABELS]
+            if old.data.shape != spatial and old.data.any():
+                raise ValueError(
+                    f"{LABELS!r} holds annotations of shape {old.data.shape}, not {spatial}: "
+                    "save or rename that layer first (nothing was changed)"
+                )
+        if self.propagation is not None:
+            self.propagation.cancel()  # it writes into the labels it started on
         self.image = image
         self.channels = channels
-        self._lead0 = 0 if channels is None else 1  # image axes before the labels' first axis
-        spatial = image.data.shape[:-1] if image.rgb else image.data.shape[self._lead0:]
-        self.spatial = tuple(spatial)
-        scale, translate = image.scale[self._lead0:], image.translate[self._lead0:]
+        self.spatial = spatial
+        scale, translate = image.scale[lead0:], image.translate[lead0:]
         self.labels = self._layer(LABELS, lambda: Labels(np.zeros(spatial, np.uint32), name=LABELS))
         if self.labels.data.shape != tuple(spatial):
             self.labels.data = np.zeros(spatial, np.uint32)
@@ -137,12 +145,7 @@ class Controller:
     def set_intensity(self, modality: str, window=None) -> None:
         """Change the intensity rule: re-encode, the plane on screen first."""
         self.modality, self.window = modality, window
-        if self.channels is None:
-            source = Source(self.image.data, bool(self.image.rgb), modality, window)
-        else:
-            rgb = compose_channels(np.asarray(self.image.data), self.channels, axis=0, modality=modality, window=window)
-            source = Source(rgb, True, "uint8")
-        self.encoder.set_source(source)
+        self.encoder.set_source(Source(self.image.data, bool(self.image.rgb), modality, window, self.channels))
         self.request_current()
 
     def current_index(self) -> Tuple[int, ...]:

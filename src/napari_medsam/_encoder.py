@@ -18,7 +18,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from .engine.intensity import resolve_modality, to_uint8
+from .engine.intensity import compose_channels, resolve_modality, to_uint8
 from .engine.predictor import MedSAM
 
 Index = Tuple[int, ...]
@@ -27,20 +27,18 @@ NOW, SOON, LATER = 0, 1, 2
 
 @dataclass(frozen=True)
 class Source:
-    """What to encode: an image array (nD, optionally RGB) and its intensity rule."""
+    """What to encode: an image array (nD, optionally RGB) and its intensity rule.
+
+    ``channels``: the first axis of ``data`` holds channels; these (1-3) are composed
+    into the model's RGB (:func:`~napari_medsam.engine.intensity.compose_channels`),
+    each scaled by the intensity rule on its own.
+    """
 
     data: object
     rgb: bool
     modality: str = "auto"
     window: Optional[Tuple[float, float]] = None
-
-    @property
-    def plane_ndim(self) -> int:
-        return 3 if self.rgb else 2
-
-    @property
-    def leading_shape(self) -> Tuple[int, ...]:
-        return tuple(np.shape(self.data)[: np.ndim(self.data) - self.plane_ndim])
+    channels: Optional[Tuple[int, ...]] = None
 
 
 class EncoderService:
@@ -114,6 +112,10 @@ class EncoderService:
             self._thread.join(timeout=60)  # a torch thread alive at interpreter exit aborts the process
 
     # -- worker -----------------------------------------------------------------
+    def prepared(self) -> np.ndarray:
+        """The whole source as the model sees it: uint8, (..., H, W) or (..., H, W, 3)."""
+        return self._prepared()
+
     def _prepared(self) -> np.ndarray:
         with self._cv:
             source, u8, version = self._source, self._u8, self._version
@@ -122,12 +124,15 @@ class EncoderService:
         if source is None:
             raise RuntimeError("no image chosen")
         data = np.asarray(source.data)
-        if not source.rgb and data.ndim >= 2:
-            from .engine.prompts import check_image
+        if source.channels is not None:
+            u8 = compose_channels(data, source.channels, axis=0, modality=source.modality, window=source.window)
+        else:
+            if not source.rgb and data.ndim >= 2:
+                from .engine.prompts import check_image
 
-            check_image(data.reshape(-1, data.shape[-1]))  # NaN / constant / dtype checks over the whole stack
-        intensity = resolve_modality(data, source.modality, source.window, rgb=source.rgb)
-        u8 = to_uint8(data[..., :3] if source.rgb else data, intensity)
+                check_image(data.reshape(-1, data.shape[-1]))  # NaN / constant / dtype checks over the whole stack
+            intensity = resolve_modality(data, source.modality, source.window, rgb=source.rgb)
+            u8 = to_uint8(data[..., :3] if source.rgb else data, intensity)
         with self._cv:
             if version == self._version:
                 self._u8 = u8

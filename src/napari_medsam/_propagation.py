@@ -30,6 +30,7 @@ class Propagation:
         if self.label_id <= 0:
             raise ValueError("accept the box (release it) before propagating")
         self.options = options
+        self.target = controller.labels.data  # a re-attach that replaces the labels ends our writing
         self.patches = []
         self.done = threading.Event()
         self.slices = 0
@@ -44,11 +45,15 @@ class Propagation:
 
     def _run(self) -> None:
         c = self.c
-        src = c.encoder.source  # the image as the model sees it (channels composed)
+        src = c.encoder.source
         try:
+            if src.channels is None:
+                volume, modality, window = np.asarray(src.data), src.modality, src.window
+            else:  # the composed RGB volume the encoder sees
+                volume, modality, window = c.encoder.prepared(), "uint8", None
             c.model.segment_volume(
-                np.asarray(src.data), self.box, self.z,
-                modality=src.modality, window=src.window,
+                volume, self.box, self.z,
+                modality=modality, window=window,
                 on_slice=lambda z, m: c.bridge.slice_done.emit((self, z, m)),
                 cancel=self.cancel_event, **self.options,
             )
@@ -58,7 +63,7 @@ class Propagation:
 
     def _paste(self, item) -> None:
         owner, z, mask = item
-        if owner is not self or z == self.z:
+        if owner is not self or z == self.z or self.c.labels.data is not self.target:
             return
         region = bounding_region(mask | (self.c.labels.data[z] == self.label_id), (z,))
         if region is None:
@@ -81,7 +86,7 @@ class Propagation:
         else:
             state = "cancelled" if self.cancel_event.is_set() else "done"
             c.report(f"propagation {state}: label {self.label_id} on {self.slices + 1} slices")
-        if self.patches:
+        if self.patches and c.labels.data is self.target:
             c._commit(Edit("propagate", self.patches, c._committed))
         self.done.set()
 

@@ -67,6 +67,7 @@ class MedSAMWidget(QWidget):
         self.controller: Optional[Controller] = None
         self.last_error: Optional[str] = None
         self._model_key = None
+        self._applied_channels = ""
         self._loader = _Loader()
         self._loader.loaded.connect(self._on_loaded)
 
@@ -135,7 +136,7 @@ class MedSAMWidget(QWidget):
         self.label_spin.valueChanged.connect(self._set_next_label)
         self.image_combo.activated.connect(lambda _: self.start())
         self.intensity_combo.activated.connect(lambda _: self.start())
-        self.channels_edit.editingFinished.connect(self.start)
+        self.channels_edit.editingFinished.connect(self._channels_edited)
         self.viewer.layers.events.inserted.connect(self._refresh_images)
         self.viewer.layers.events.removed.connect(self._refresh_images)
         self._refresh_images()
@@ -177,6 +178,11 @@ class MedSAMWidget(QWidget):
         if choice == "RGB":
             return "rgb", None
         return "auto", None
+
+    def _channels_edited(self) -> None:
+        """Qt also reports focus loss as an edit: apply only a changed text."""
+        if self.channels_edit.text().strip() != self._applied_channels:
+            self.start()
 
     def channels(self, image: Image):
         """The picked channel indices along ``image``'s first axis, or None (segment what is displayed)."""
@@ -251,6 +257,7 @@ class MedSAMWidget(QWidget):
         try:
             modality, window = self.intensity(image)
             self.controller.attach(image, modality, window, self.channels(image))
+            self._applied_channels = self.channels_edit.text().strip()
             self.label_spin.blockSignals(True)
             self.label_spin.setValue(self.controller.next_label)
             self.label_spin.blockSignals(False)

@@ -11,12 +11,15 @@ the same decoder options, so its masks are the parent's masks (tested). Until it
 has started (a few seconds: it imports torch), or if it dies, ``ready`` is False
 and callers decode in-process: the child is a speed-up, never a dependency.
 
-Protocol (length-prefixed pickles on the child's stdin/stdout; the child sends
-its own prints to stderr so stdout stays clean)::
+Protocol (length-prefixed pickles on the child's stdin/stdout; the child's first
+lines move stdout to stderr before any import, so stray prints cannot corrupt it)::
 
     -> ("load", name, checkpoint, fast)        <- ("ready",) | ("error", text)
     -> ("embed", key, features, original_size, resized)
-    -> ("predict", key, box, region)           <- ("ok", masks, iou, boxes, seconds) | ("error", text)
+    -> ("predict", key, box, region)           <- ("ok", masks, iou, boxes, seconds)
+                                                 | ("rejected", text)   a bad box: ValueError
+                                                 | ("missing", key)     embedding not held: resend
+                                                 | ("error", text)      anything else: decode in-process
     -> ("close",)
 """
 
@@ -27,13 +30,15 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import OrderedDict
 from typing import BinaryIO, Optional
 
-import numpy as np
+import torch
 
 from .cache import Embedding
+from .errors import MedSAMError
 from .predictor import MedSAM, Prediction
 
 _HEADER = struct.Struct("<Q")
@@ -80,6 +85,7 @@ class DecoderProcess:
         self._proc: Optional[subprocess.Popen] = None
         self._lock = threading.Lock()
         self._ready = threading.Event()
+        self._settled = threading.Event()  # the start attempt ended (ready or failed)
         self._closed = False
         self._sent: "OrderedDict[str, None]" = OrderedDict()
         self.answered = 0  # boxes the child decoded
@@ -96,44 +102,53 @@ class DecoderProcess:
 
     @staticmethod
     def supported(model: MedSAM) -> bool:
-        """Only a pretrained LiteMedSAM on the CPU: small to load twice, and the GIL is what slows it."""
-        return model.name == "litemedsam" and str(model.device) == "cpu" and model.checkpoint is not None
+        """Only a pretrained LiteMedSAM on the CPU (small to load twice; the GIL is what slows it),
+        and not inside a frozen app, where ``sys.executable`` is the app itself."""
+        return (
+            model.name == "litemedsam" and str(model.device) == "cpu" and model.checkpoint is not None
+            and not getattr(sys, "frozen", False)
+        )
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set() and not self._closed
 
-    def wait_ready(self, timeout: Optional[float] = None) -> bool:
-        self._ready.wait(timeout)
+    def wait_ready(self, timeout: Optional[float] = 180) -> bool:
+        """Wait until the child answers, it failed, or ``timeout`` s passed; True if ready."""
+        self._settled.wait(timeout)
         return self.ready
 
     def _start(self) -> None:
+        log = tempfile.TemporaryFile()  # the child's stderr: the reason if it fails to start
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "napari_medsam.engine.decoder_process"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                [sys.executable, "-c", _BOOT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
+                creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0),
             )
-            with self._lock:
-                if self._closed:
-                    proc.kill()
-                    return
-                self._proc = proc
-                _send(proc.stdin, ("load", self.name, self.checkpoint, self.fast))
-                reply = _receive(proc.stdout)
+            self._proc = proc
+            if self._closed:
+                raise RuntimeError("closed while starting")
+            # no lock here: close() may kill the child at any moment, which ends these reads
+            _send(proc.stdin, ("load", self.name, self.checkpoint, self.fast))
+            reply = _receive(proc.stdout)
             if reply[0] != "ready":
-                raise RuntimeError(reply[1])
-            self._ready.set()
+                raise RuntimeError(reply[-1])
+            if not self._closed:
+                self._ready.set()
         except Exception as exc:  # no child: callers keep decoding in-process
-            self.error = f"decoder process did not start: {exc}"
+            self.error = f"decoder process did not start: {exc}{_tail(log)}"
             self._kill()
+        finally:
+            log.close()
+            self._settled.set()
 
     def predict(self, embedding: Embedding, box, region=None) -> Prediction:
         """Like ``MedSAM.predict(embedding, box, region=region)``, computed in the child.
 
         Raises:
-            DecoderUnavailable: the child is not running (yet); decode in-process.
-            ValueError: the child rejected the box (same messages as in-process).
+            DecoderUnavailable: the child is not running (yet) or failed; decode in-process.
+            ValueError: the child rejected the box (the engine's message).
         """
         if not self.ready:
             raise DecoderUnavailable(self.error or "decoder process not ready")
@@ -144,24 +159,24 @@ class DecoderProcess:
                 if reply[0] == "missing":  # the child lost it (it should not): send it again
                     self._sent.pop(key, None)
                     reply = self._ask(embedding, key, box, region)
-            except (OSError, EOFError, ValueError, AttributeError) as exc:  # the child died
-                self.error = f"decoder process stopped: {exc}"
+            except Exception as exc:  # the child died or the pipe is out of step: stop using it
+                self.error = f"decoder process stopped: {type(exc).__name__}: {exc}"
                 self._kill()
                 raise DecoderUnavailable(self.error) from exc
-        if reply[0] == "missing":
-            raise DecoderUnavailable("decoder process lost the embedding")
-        if reply[0] != "ok":
+        if reply[0] == "ok":
+            _, masks, iou, boxes, seconds = reply
+            self.last_decode_s = seconds
+            self.answered += 1
+            return Prediction(masks, iou, boxes)
+        if reply[0] == "rejected":  # a bad box: the same error the in-process path raises
             raise ValueError(reply[1])
-        _, masks, iou, boxes, seconds = reply
-        self.last_decode_s = seconds
-        self.answered += 1
-        return Prediction(masks, iou, boxes)
+        raise DecoderUnavailable(f"decoder process could not decode: {reply[-1]}")
 
     def _ask(self, embedding: Embedding, key: str, box, region):
         if key in self._sent:
             self._sent.move_to_end(key)
         else:
-            feats = embedding.features.detach().cpu().numpy()
+            feats = embedding.features.detach().to("cpu", torch.float32).numpy()
             _send(self._proc.stdin, ("embed", key, feats, tuple(embedding.original_size), tuple(embedding.resized)))
             self._sent[key] = None
             while len(self._sent) > KEEP:
@@ -170,24 +185,53 @@ class DecoderProcess:
         return _receive(self._proc.stdout)
 
     def close(self) -> None:
-        """Ask the child to exit (kill it after 5 s)."""
+        """Stop the child without waiting for a decode in progress (never blocks for long)."""
         self._closed = True
-        with self._lock:
-            proc = self._proc
-            if proc is not None and proc.poll() is None:
-                try:
-                    _send(proc.stdin, ("close",))
-                    proc.wait(timeout=5)
-                except Exception:
-                    pass
+        self._ready.clear()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.close()  # the child sees end of input and exits
+                proc.wait(timeout=2)
+            except Exception:
+                pass
         self._kill()
 
     def _kill(self) -> None:
         self._ready.clear()
         proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
+        if proc is None:
+            return
+        if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        try:
+            proc.wait(timeout=5)
+        except Exception:
+            pass
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except Exception:
+                pass
+
+
+def _tail(log) -> str:
+    try:
+        log.seek(0)
+        lines = [ln for ln in log.read().decode(errors="replace").splitlines() if ln.strip()]
+        return f" ({lines[-1].strip()})" if lines else ""
+    except Exception:
+        return ""
+
+
+#: the child's first lines: keep the protocol's stdout clean before anything is imported
+_BOOT = (
+    "import os, sys\n"
+    "out = os.fdopen(os.dup(1), 'wb')\n"
+    "os.dup2(2, 1)\n"
+    "from napari_medsam.engine.decoder_process import _serve\n"
+    "_serve(sys.stdin.buffer, out)\n"
+)
 
 
 def _serve(inp: BinaryIO, out: BinaryIO) -> None:
@@ -224,15 +268,8 @@ def _serve(inp: BinaryIO, out: BinaryIO) -> None:
                 pred = model.predict(planes[key], box, region=region)
                 _send(out, ("ok", pred.masks, pred.iou, pred.boxes, model.last_decode_s))
         except Exception as exc:  # reported to the parent, the child keeps serving
-            if kind in ("load", "predict"):
-                _send(out, ("error", f"{type(exc).__name__}: {exc}"))
-
-
-def main() -> None:
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the protocol
-    _serve(sys.stdin.buffer, out)
-
-
-if __name__ == "__main__":
-    main()
+            text = f"{type(exc).__name__}: {exc}"
+            if kind == "predict" and isinstance(exc, (MedSAMError, ValueError)):
+                _send(out, ("rejected", text))
+            elif kind in ("load", "predict"):
+                _send(out, ("error", text))
