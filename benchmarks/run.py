@@ -262,9 +262,10 @@ NOTES = """
   35 ms decode took about 200 ms; the "decoder thread" row keeps that path for comparison.
 - The ceiling here is napari itself: under Xvfb's software OpenGL one canvas draw of
   this window costs 35-50 ms (about 20 ms with no layer at all) and napari handles about
-  11 rectangle moves per second with no plugin. Every move gets its preview (no stale
+  11-15 rectangle moves per second with no plugin. Every move gets its preview (no stale
   box skipped); a preview shows about two frames after its move (decode in the child
-  about 50 ms while the GUI and llvmpipe's threads share the 2 cores, then one draw).
+  50-70 ms, against 31 ms on an idle machine, while the GUI and llvmpipe's two threads
+  share the 2 cores; then one draw). Runs vary by 20-30% on this shared machine.
   Issue #3's targets (>= 20 updates/s, p95 <= 60 ms) are below napari's own rectangle
   drag here; with a GPU the draw cost, and most of this latency, goes away.
 - Earlier tables (before 2026-11-28) timed "drawn" at the *start* of the next draw; the
