@@ -169,6 +169,33 @@ def test_medsam_random_shapes_recipe_and_box_scaling(medsam_random, samples):
     assert medsam_random.embed(img) is emb  # cached
 
 
+def test_medsam_vit_fused_attention_agrees(medsam_random, samples):
+    """The opt-in fused attention of the ViT encoder gives the default path's embedding and masks."""
+    from napari_medsam.engine.fast import accelerate
+
+    img = read_image(samples / "busi_malignant_1.png").array
+    ref = medsam_random.embed(img, use_cache=False)
+    boxes = [(8, 133, 439, 403), (100, 200, 300, 380)]
+    ref_masks = medsam_random.segment(ref, boxes=boxes)
+    acc = accelerate(medsam_random, encoder="fused")
+    try:
+        assert acc is not None and acc.encoder_kind == "sdpa" and acc.decoder is None
+        fast = medsam_random.embed(img, use_cache=False)
+        assert fast.key.endswith(":sdpa") and fast.key != ref.key, "never shares cache entries with the default path"
+        scale = float(ref.features.abs().max())
+        assert float((fast.features - ref.features).abs().max()) <= 1e-4 * scale
+        masks = medsam_random.segment(fast, boxes=boxes)
+        for a, b in zip(masks, ref_masks):
+            assert a.any() and dice(a, b) > 0.999
+    finally:
+        medsam_random.fast = None
+        from segment_anything.modeling.image_encoder import Attention
+
+        for mod in medsam_random.module.image_encoder.modules():  # back to the class's forward
+            if isinstance(mod, Attention):
+                del mod.forward
+
+
 def test_medsam_checkpoint_missing_and_wrong(tmp_path, monkeypatch):
     monkeypatch.setenv(checkpoints.ENV_DIR, str(tmp_path))
     monkeypatch.delenv("NAPARI_MEDSAM_MEDSAM", raising=False)

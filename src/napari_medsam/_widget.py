@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._controller import Controller
-from ._live import PREVIEW_FAST
+from ._live import PREVIEW_FAST, VIT_FAST
 from .engine.intensity import CT_PRESETS, parse_channels, window_from_limits
 from .engine.models.registry import REGISTRY
 from .engine.predictor import MedSAM
@@ -231,7 +231,8 @@ class MedSAMWidget(QWidget):
 
         def load():
             try:
-                self._loader.loaded.emit(MedSAM.load(key[0], device=key[1], checkpoint=key[2], fast=PREVIEW_FAST if key[0] == "litemedsam" else None), None)
+                fast = PREVIEW_FAST if key[0] == "litemedsam" else VIT_FAST
+                self._loader.loaded.emit(MedSAM.load(key[0], device=key[1], checkpoint=key[2], fast=fast), None)
             except Exception as exc:  # shown as a notification in the GUI thread
                 self._loader.loaded.emit(None, exc)
 
