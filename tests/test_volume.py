@@ -2,9 +2,12 @@
 
 Two kinds of model:
 
-* a fake model (decoder = the true object clipped to the box) that makes the
-  geometry exact and the stop rule deterministic, and runs in milliseconds;
-* the real LiteMedSAM weights on real volumes (bundled brain MR always; the shared
+* a scripted model (decoder = the true object clipped to the box) for the exact
+  arithmetic of the stop rule, chaining margins and key-box interpolation: it
+  can dictate predicted IoUs and fragments that no real image reliably produces;
+* the real LiteMedSAM weights, for the same behaviours on a synthetic ellipsoid it
+  segments at Dice > 0.99 (stops at the ends, encodes once, cache, z-range, RGB,
+  IoU floor, cancel), and on real volumes (bundled brain MR always; the shared
   test data when present).
 """
 
@@ -290,6 +293,57 @@ def model():
     from napari_medsam.engine.predictor import MedSAM
 
     return MedSAM.load("litemedsam", device="cpu", cache=EmbeddingCache())
+
+
+def _plain_ball():
+    """A bright ellipsoid (slices 10..20) in a darker volume: the real model segments it at Dice > 0.99."""
+    return np.where(_ball(), 200, 60).astype(np.uint8)
+
+
+def test_real_model_follows_a_ball_and_stops_at_its_ends(model):
+    """The fake-model tests above, with the real weights: stop near the ends, encode once, callbacks."""
+    truth = _ball()
+    vol = _plain_ball()
+    seen, stats = [], {}
+    mask = segment_volume(model, vol, _box_of(truth[15]), 15, modality="uint8",
+                          on_slice=lambda z, m: seen.append(z), stats=stats)
+    assert dice(mask, truth) > 0.97
+    lo, hi = stats["z_extent"]
+    assert 9 <= lo <= 11 and 19 <= hi <= 21, stats  # the tips are single pixels
+    assert not mask[:9].any() and not mask[22:].any(), "stops: does not run through the volume"
+    assert len(stats["encoded"]) == len(set(stats["encoded"])), "no slice encoded twice"
+    assert seen[0] == 15 and sorted(seen) == list(range(lo, hi + 1))
+    again = {}
+    assert (segment_volume(model, vol, _box_of(truth[15]), 15, modality="uint8", stats=again) == mask).all()
+    assert again["n_encoded"] == 0, "a second run is served by the cache"
+    # z-range bounds both directions; RGB volumes give the same masks
+    res = propagate(model, vol, _box_of(truth[15]), 15, modality="uint8", z_range=(13, 17), stop=StopRule.never())
+    assert res.z_extent == (13, 17) and res.stopped == {"up": "z_range", "down": "z_range"}
+    assert (res.mask[13:18] == mask[13:18]).all()
+    rgb = propagate(model, np.repeat(vol[..., None], 3, axis=-1), _box_of(truth[15]), 15, modality="uint8")
+    assert (rgb.mask == mask).all()
+    # a predicted-IoU floor above what the model reports stops at once, in both directions
+    strict = propagate(model, vol, _box_of(truth[15]), 15, modality="uint8", stop=StopRule(min_iou=0.999))
+    assert strict.stopped == {"up": "iou", "down": "iou"} and strict.z_extent == (15, 15)
+
+
+def test_real_model_cancel_returns_what_is_done():
+    from napari_medsam.engine.predictor import MedSAM
+
+    fresh = MedSAM.load("litemedsam", device="cpu", cache=EmbeddingCache())
+    truth = _ball()
+    vol = _plain_ball() + np.arange(30, dtype=np.uint8)[:, None, None] % 3  # no two slices alike
+    ev, done, stats = threading.Event(), [], {}
+
+    def on_slice(z, m):
+        done.append(z)
+        if len(done) == 3:
+            ev.set()
+
+    mask = segment_volume(fresh, vol, _box_of(truth[15]), 15, modality="uint8", on_slice=on_slice, cancel=ev, stats=stats)
+    assert stats["cancelled"] is True and len(done) == 3
+    assert sorted(np.flatnonzero(mask.any(axis=(1, 2)))) == sorted(done)
+    assert stats["n_encoded"] == 3
 
 
 @pytest.fixture(scope="module")
