@@ -17,3 +17,11 @@ def require_shared() -> Path:
     if not (SHARED / "cases.csv").is_file():
         pytest.skip(f"shared test data not found at {SHARED} (set MEDSAM_SHARED_DATA to its folder)")
     return SHARED
+
+
+def read_gray(path) -> "np.ndarray":
+    """A sample image as one 2D plane (its first channel if it was stored as RGB)."""
+    from napari_medsam.engine.io import read_image
+
+    img = read_image(path).array
+    return img[..., 0] if img.ndim == 3 else img

@@ -23,7 +23,7 @@ from napari_medsam.engine import batch
 
 tifffile = pytest.importorskip("tifffile")
 
-from _data import SAMPLES  # noqa: E402
+from _data import SAMPLES, read_gray  # noqa: E402
 BUSI = SAMPLES / "busi_malignant_1.png"
 BUSI_BOX = "8,133,439,403"
 
@@ -188,10 +188,7 @@ def test_download_unknown_model_exit_2(capsys):
 
 def test_segment_picked_channel_of_a_cyx_tiff(use_shared_model, tmp_path, capsys):
     """A two-channel CYX TIFF: --channels 1 segments exactly what the single image gives."""
-    from napari_medsam.engine.io import read_image
-
-    gray = read_image(BUSI).array
-    gray = gray[..., 0] if gray.ndim == 3 else gray
+    gray = read_gray(BUSI)
     stack = tmp_path / "cyx.tif"
     tifffile.imwrite(stack, np.stack([np.fliplr(gray), gray]))
     one, two = tmp_path / "one.tif", tmp_path / "two.tif"

@@ -17,6 +17,8 @@ from napari_medsam.engine.io import read_image
 from napari_medsam.engine.models import checkpoints
 from napari_medsam.engine.models.registry import REGISTRY, get_spec
 
+from _data import read_gray  # noqa: E402
+
 STABLE_PX = 4  # boxes shorter than this at the 256 input flip under float rounding (authors' too)
 
 
@@ -304,8 +306,7 @@ def test_ct_window_presets_and_errors(lite, samples):
 def test_compose_channels_scales_each_channel_and_fills_rgb(samples):
     from napari_medsam.engine.intensity import compose_channels, parse_channels
 
-    nuclei = read_image(samples / "dsb2018_nuclei.png").array
-    nuclei = nuclei[..., 0] if nuclei.ndim == 3 else nuclei
+    nuclei = read_gray(samples / "dsb2018_nuclei.png")
     dim = (nuclei.astype(np.float32) * 7.5 + 100.0)  # a 16-bit-like second channel, other range
     stack = np.stack([nuclei, dim, np.zeros_like(dim)]).astype(np.float32)
     one = compose_channels(stack, [0])
@@ -331,8 +332,7 @@ def test_segment_picked_channel_equals_segmenting_that_channel(lite, samples):
     from napari_medsam.engine.intensity import compose_channels
 
     case = next(c for c in load_cases(samples) if c.image.name == "dsb2018_nuclei.png")
-    img = read_image(case.image).array
-    gray = img[..., 0] if img.ndim == 3 else img
+    gray = read_gray(case.image)
     stack = np.stack([np.flipud(gray), gray])
     direct = lite.segment(gray, case.box)
     picked = lite.segment(compose_channels(stack, [1]), case.box)

@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from _data import read_gray  # noqa: E402
 from _gui import drag, pump  # noqa: E402
 
 from napari_medsam._controller import BOXES, LABELS, PREVIEW  # noqa: E402
@@ -204,8 +205,7 @@ def test_propagate_drawn_box_through_volume(viewer_with, qtbot, samples):
 def test_multichannel_pick_channels(viewer_with, qtbot, samples):
     """A (C, H, W) microscopy layer: the picked channel is segmented whatever channel is on screen."""
     case = next(c for c in load_cases(samples) if c.image.name == "dsb2018_nuclei.png")
-    img = read_image(case.image).array
-    gray = img[..., 0] if img.ndim == 3 else img
+    gray = read_gray(case.image)
     stack = np.stack([np.flipud(gray), gray])  # channel 1 holds the nuclei of the case
     viewer, layer, widget, c = viewer_with(stack, name="two channels")
     assert c.labels.data.shape == stack.shape, "without channels picked, the channel axis is a slider"
