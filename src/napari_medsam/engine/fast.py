@@ -291,6 +291,8 @@ class FusedDecoder:
     see the module docstring for what is reordered.
     """
 
+    chunk = 512  # image tokens per step of the chunked transformer (512 x 256 floats: 512 KB)
+
     def __init__(self, module: nn.Module, cache_entries: int = 4):
         self.pe_module = module.prompt_encoder
         self.dec = module.mask_decoder
@@ -346,23 +348,6 @@ class FusedDecoder:
         b, t, d = x.shape
         return x.view(b, t, h, d // h).transpose(1, 2)
 
-    def _tok2img(self, attn, q: torch.Tensor, keys_pe: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Token->image attention with the image-side projections moved to the tokens.
-
-        q (B, T, C) tokens; keys_pe, keys (B, N, C) image tokens. Returns (B, T, C).
-        """
-        h = self.heads
-        b, t, c = q.shape
-        qp = self._heads(attn.q_proj(q), h)  # (B, H, T, d)
-        d = qp.shape[-1]
-        wk = attn.k_proj.weight.view(h, d, c)
-        qk = torch.einsum("bhtd,hdc->bhtc", qp * (d ** -0.5), wk).reshape(b, h * t, c)
-        a = torch.softmax(torch.bmm(qk, keys_pe.transpose(1, 2)), dim=-1)  # (B, H*T, N); k bias cancels
-        z = torch.bmm(a, keys).view(b, h, t, c)  # rows of a sum to 1: v bias added after
-        wv = attn.v_proj.weight.view(h, d, c)
-        o = torch.einsum("bhtc,hdc->bhtd", z, wv) + attn.v_proj.bias.view(1, h, 1, d)
-        return attn.out_proj(o.transpose(1, 2).reshape(b, t, h * d))
-
     def _img2tok_values(self, attn, tok: torch.Tensor) -> torch.Tensor:
         """(B, T, C) tokens -> (B, H*T, C): values pushed through out_proj per head.
 
@@ -377,48 +362,57 @@ class FusedDecoder:
         vo = torch.einsum("bhtd,ohd->bhto", v, wo).reshape(b, h * t, c)
         return vo + attn.out_proj.bias / h
 
-    def _img2tok(self, attn, residual: torch.Tensor, img_q: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor):
-        """residual + image->token attention, low rank. img_q (B, N, C) = keys + pe; returns (B, N, C).
-
-        Logits are laid out (B, H, T, N) so the softmax over the T = 7 tokens runs along
-        a long contiguous axis (a softmax over a last axis of 7 is ~20x slower).
-        """
-        h = self.heads
-        b, t, c = tok_k.shape
-        kp = self._heads(attn.k_proj(tok_k), h)  # (B, H, T, d)
-        d = kp.shape[-1]
-        s = d ** -0.5
-        wq = attn.q_proj.weight.view(h, d, c)
-        kq = torch.einsum("bhtd,hdc->bhtc", kp * s, wq).reshape(b, h * t, c)
-        cb = torch.einsum("bhtd,hd->bht", kp * s, attn.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
-        logits = torch.baddbmm(cb, kq, img_q.transpose(1, 2))  # (B, H*T, N)
-        n = logits.shape[-1]
-        a = torch.softmax(logits.view(b, h, t, n), dim=2).view(b, h * t, n)
-        vo = self._img2tok_values(attn, tok_v)
-        return torch.baddbmm(residual, a.transpose(1, 2), vo)
-
-    def _img2tok_cached(self, attn, residual: torch.Tensor, q0t: torch.Tensor, tok_k: torch.Tensor, tok_v: torch.Tensor):
-        """residual + layer-0 image->token attention with the image queries q0t (H, d, N) precomputed."""
-        h = self.heads
-        b, t, c = tok_k.shape
-        kp = self._heads(attn.k_proj(tok_k), h)  # (B, H, T, d)
-        d = kp.shape[-1]
-        logits = torch.matmul(kp * (d ** -0.5), q0t.unsqueeze(0))  # (B, H, T, N)
-        n = logits.shape[-1]
-        a = torch.softmax(logits, dim=2).reshape(b, h * t, n)
-        vo = self._img2tok_values(attn, tok_v)
-        return torch.baddbmm(residual, a.transpose(1, 2), vo)
-
     # -- forward ----------------------------------------------------------
+    def _tok2img_queries(self, attn, q: torch.Tensor) -> torch.Tensor:
+        """Token->image queries with the key projection moved to the token side: (B, H*T, C), scaled."""
+        h = self.heads
+        b, t, c = q.shape
+        qp = self._heads(attn.q_proj(q), h)  # (B, H, T, d)
+        d = qp.shape[-1]
+        wk = attn.k_proj.weight.view(h, d, c)
+        return torch.einsum("bhtd,hdc->bhtc", qp * (d ** -0.5), wk).reshape(b, h * t, c)
+
+    def _tok2img_out(self, attn, z: torch.Tensor, t: int) -> torch.Tensor:
+        """(B, H*T, C) attention-weighted image tokens -> (B, T, C) token->image attention output."""
+        h = self.heads
+        b, _, c = z.shape
+        wv = attn.v_proj.weight.view(h, -1, c)
+        d = wv.shape[1]
+        o = torch.einsum("bhtc,hdc->bhtd", z.view(b, h, t, c), wv) + attn.v_proj.bias.view(1, h, 1, d)
+        return attn.out_proj(o.transpose(1, 2).reshape(b, t, h * d))
+
+    @staticmethod
+    def _online_softmax_step(acc, logits: torch.Tensor, values: torch.Tensor):
+        """One chunk of a softmax(logits) @ values over the last axis, accumulated (flash-attention style)."""
+        mc = logits.amax(-1, keepdim=True)
+        if acc is None:
+            p = torch.exp(logits - mc)
+            return [mc, p.sum(-1, keepdim=True), torch.bmm(p, values)]
+        m, s, z = acc
+        mn = torch.maximum(m, mc)
+        alpha = torch.exp(m - mn)
+        p = torch.exp(logits - mn)
+        s = s * alpha + p.sum(-1, keepdim=True)
+        z = torch.baddbmm(z * alpha, p, values)
+        return [mn, s, z]
+
     def transformer(self, st: _ImageState, sparse: torch.Tensor):
-        """(B, T, C) prompt tokens -> (hs (B, 2, C): IoU token and mask token 0, keys (B, N, C))."""
+        """(B, T, C) prompt tokens -> (hs (B, 2, C): IoU token and mask token 0, keys (B, N, C)).
+
+        The 4096-token image side is walked in chunks of ``chunk`` tokens, twice: each
+        chunk's keys go through layer 0's update, layer 1's token->image logits, its
+        image->token update and the final attention's logits while they are in cache;
+        the two token->image softmaxes over all image tokens are accumulated online.
+        Every 4096 x 256 intermediate of the plain order would otherwise make a round
+        trip through memory, which on a shared CPU costs more than its arithmetic.
+        """
         b = sparse.shape[0]
         h = self.heads
         tokens = torch.cat((self.out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
+        t = tokens.shape[1]
         qpe = tokens
-        pe = self.pe.unsqueeze(0)
         l0, l1 = self.layers
-        # layer 0 (skip_first_layer_pe)
+        # layer 0 (skip_first_layer_pe): tokens only, against the cached image projections
         queries = l0.norm1(l0.self_attn(q=tokens, k=tokens, v=tokens))
         q = queries + qpe
         qp = self._heads(l0.cross_attn_token_to_image.q_proj(q), h)  # (B, H, T, d)
@@ -428,49 +422,105 @@ class FusedDecoder:
         queries = l0.norm2(queries + l0.cross_attn_token_to_image.out_proj(o))
         queries = l0.norm3(queries + l0.mlp(queries))
         q = queries + qpe
-        keys = l0.norm4(self._img2tok_cached(l0.cross_attn_image_to_token, st.x0.unsqueeze(0), st.q0, q, queries))
-        # layer 1
+        i2t0 = l0.cross_attn_image_to_token
+        kp = self._heads(i2t0.k_proj(q), h)
+        n = st.q0.shape[-1]
+        a0 = torch.softmax(torch.matmul(kp * (d ** -0.5), st.q0.unsqueeze(0)), dim=2).reshape(b, h * t, n)
+        vo0 = self._img2tok_values(i2t0, queries)  # (B, H*T, C)
+        # layer 1 up to its token->image attention: the queries do not depend on the keys
         q = queries + qpe
         queries = l1.norm1(queries + l1.self_attn(q=q, k=q, v=queries))
         q = queries + qpe
-        kpe = keys + pe
-        queries = l1.norm2(queries + self._tok2img(l1.cross_attn_token_to_image, q, kpe, keys))
+        t2i1 = l1.cross_attn_token_to_image
+        qk1 = self._tok2img_queries(t2i1, q)  # (B, H*T, C)
+        pe = self.pe
+        c = pe.shape[1]
+        keys1 = torch.empty((b, n, c))
+        keys2 = torch.empty((b, n, c))
+        n4 = l0.norm4
+        acc = None
+        for i0 in range(0, n, self.chunk):
+            i1 = min(n, i0 + self.chunk)
+            k1 = F.layer_norm(torch.baddbmm(st.x0[i0:i1].unsqueeze(0), a0[:, :, i0:i1].transpose(1, 2), vo0), (c,), n4.weight, n4.bias, n4.eps)
+            keys1[:, i0:i1] = k1
+            acc = self._online_softmax_step(acc, torch.bmm(qk1, (k1 + pe[i0:i1]).transpose(1, 2)), k1)
+        queries = l1.norm2(queries + self._tok2img_out(t2i1, acc[2] / acc[1], t))
         queries = l1.norm3(queries + l1.mlp(queries))
         q = queries + qpe
-        keys = l1.norm4(self._img2tok(l1.cross_attn_image_to_token, keys, kpe, q, queries))
-        # final token->image attention, per query token: only the IoU token and mask token 0
-        # are read afterwards (multimask_output=False), so only those two attend
-        t = self.dec.transformer
-        q = (queries + qpe)[:, :2]
-        out = queries[:, :2] + self._tok2img(t.final_attn_token_to_image, q, keys + pe, keys)
-        return t.norm_final_attn(out), keys
+        # layer 1 image->token update, and the final token->image attention (IoU token and
+        # mask token 0 only: nothing else is read with multimask_output=False)
+        i2t1 = l1.cross_attn_image_to_token
+        kp = self._heads(i2t1.k_proj(q), h)
+        s = d ** -0.5
+        wq = i2t1.q_proj.weight.view(h, d, c)
+        kq = torch.einsum("bhtd,hdc->bhtc", kp * s, wq).reshape(b, h * t, c)
+        cb = torch.einsum("bhtd,hd->bht", kp * s, i2t1.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
+        vo1 = self._img2tok_values(i2t1, queries)
+        fin = self.dec.transformer.final_attn_token_to_image
+        qf = (queries + qpe)[:, :2]
+        qk2 = self._tok2img_queries(fin, qf)  # (B, H*2, C)
+        n4 = l1.norm4
+        acc = None
+        for i0 in range(0, n, self.chunk):
+            i1 = min(n, i0 + self.chunk)
+            k1 = keys1[:, i0:i1]
+            # logits laid out (B, H, T, n): a softmax over a last axis of 7 is ~20x slower
+            lg = torch.baddbmm(cb, kq, (k1 + pe[i0:i1]).transpose(1, 2))  # (B, H*T, n)
+            a1 = torch.softmax(lg.view(b, h, t, i1 - i0), dim=2).view(b, h * t, i1 - i0)
+            k2 = F.layer_norm(torch.baddbmm(k1, a1.transpose(1, 2), vo1), (c,), n4.weight, n4.bias, n4.eps)
+            keys2[:, i0:i1] = k2
+            acc = self._online_softmax_step(acc, torch.bmm(qk2, (k2 + pe[i0:i1]).transpose(1, 2)), k2)
+        out = queries[:, :2] + self._tok2img_out(fin, acc[2] / acc[1], 2)
+        return self.dec.transformer.norm_final_attn(out), keys2
 
-    def logits(self, st: _ImageState, box_t: torch.Tensor, window: Optional[Tuple[int, int, int, int]] = None):
-        """Box (B, 4) in model pixels -> (mask logits (B, 1, 4h, 4w), iou (B, 1)).
+    def _upscale(self, src: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """Output upscaling + hypernetwork dot product as three matrix products, channels last.
+
+        src (B, h, w, C) tokens; hyper (B, C/8). Returns (B, 1, 4h, 4w) logits. Each
+        stride-2, kernel-2 transposed convolution maps a pixel to a 2 x 2 block through
+        one (C_in, 4 * C_out) matrix; LayerNorm2d and GELU act per pixel.
+        """
+        up = self.dec.output_upscaling
+        ct1, ln, act1, ct2, act2 = up[0], up[1], up[2], up[3], up[4]
+        b, gh, gw, c = src.shape
+        c1, c2 = ct1.weight.shape[1], ct2.weight.shape[1]
+        w1 = ct1.weight.permute(0, 2, 3, 1).reshape(c, 4 * c1)
+        w2 = ct2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+        y = torch.addmm(ct1.bias.repeat(4), src.reshape(-1, c), w1).view(-1, c1)
+        y = act1(F.layer_norm(y, (c1,), ln.weight, ln.bias, ln.eps))
+        y = act2(torch.addmm(ct2.bias.repeat(4), y, w2)).view(b, -1, c2)  # (B, P*16, C2)
+        m = torch.bmm(y, hyper.unsqueeze(-1))  # (B, P*16, 1)
+        # index order (ty, tx, dy1, dx1, dy2, dx2) -> pixel (4ty + 2dy1 + dy2, 4tx + 2dx1 + dx2)
+        m = m.view(b, gh, gw, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, 1, 4 * gh, 4 * gw)
+        return m
+
+    def logits(self, st: _ImageState, box_t: torch.Tensor, window: Optional[Tuple[int, int, int, int]] = None, keys=None):
+        """Box (B, 4) in model pixels -> (mask logits (B, 1, 4h, 4w), iou (B, 1), (hs, keys)).
 
         ``window`` (ty0, ty1, tx0, tx1) in embedding tokens: upscale only there;
-        logits elsewhere are -1e4 (a sure "no").
+        logits elsewhere are -1e4 (a sure "no"). ``keys``: the (hs, keys) of an earlier
+        call with the same box, to upscale another window without the transformer.
         """
-        sparse, _ = self.pe_module(points=None, boxes=box_t[:, None, :], masks=None)
-        hs, keys = self.transformer(st, sparse)
+        if keys is None:
+            sparse, _ = self.pe_module(points=None, boxes=box_t[:, None, :], masks=None)
+            keys = self.transformer(st, sparse)
+        hs, k2 = keys
         dec = self.dec
         b = hs.shape[0]
         gh, gw = st.grid
-        src = keys.view(b, gh, gw, -1)
+        src = k2.view(b, gh, gw, -1)
         if window is not None:
             ty0, ty1, tx0, tx1 = window
             src = src[:, ty0:ty1, tx0:tx1]
-        up = dec.output_upscaling(src.permute(0, 3, 1, 2).contiguous())  # (B, C/8, 4h, 4w)
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0 only (multimask off)
-        bb, cc, uh, uw = up.shape
-        m = torch.bmm(hyper.unsqueeze(1), up.reshape(bb, cc, uh * uw)).view(bb, 1, uh, uw)
+        m = self._upscale(src, hyper)
         if window is not None:
-            s = uh // (window[1] - window[0])
+            s = 4
             full = m.new_full((b, 1, gh * s, gw * s), -1e4)
             full[..., window[0] * s : window[1] * s, window[2] * s : window[3] * s] = m
             m = full
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, :1]
-        return m, iou
+        return m, iou, keys
 
 
 def _source_span(n_in: int, n_out: int, start: int, stop: int) -> Tuple[int, int]:
@@ -571,14 +621,14 @@ class Accelerator:
         st = self.decoder.image_state(embedding.features, embedding.key)
         if region is not None:
             win = self._window_for(recipe, embedding.resized, embedding.original_size, region, st)
-            logits, iou = self.decoder.logits(st, box_t, win)
+            logits, iou, _ = self.decoder.logits(st, box_t, win)
             self.stats["windowed"] += 1
         elif self.auto_region and recipe.name == "litemedsam":
             win = self._auto_window(recipe, box_t, embedding.resized, st)
-            logits, iou = self.decoder.logits(st, box_t, win)
+            logits, iou, keys = self.decoder.logits(st, box_t, win)
             s = recipe.input_size // st.grid[0]
             if win is not None and self._touches_border(logits, win, st.grid, embedding.resized, s):
-                logits, iou = self.decoder.logits(st, box_t, None)
+                logits, iou, _ = self.decoder.logits(st, box_t, None, keys=keys)
                 self.stats["grown"] += 1
             elif win is not None:
                 self.stats["windowed"] += 1
@@ -593,7 +643,7 @@ class Accelerator:
             else:
                 self.stats["full"] += 1
         else:
-            logits, iou = self.decoder.logits(st, box_t, None)
+            logits, iou, _ = self.decoder.logits(st, box_t, None)
             self.stats["full"] += 1
         masks = recipe.postprocess(logits, embedding.resized, embedding.original_size, region)
         return masks, iou
