@@ -109,13 +109,19 @@ def fuse_tinyvit(encoder: nn.Module, sdpa: bool = True) -> nn.Module:
     return enc
 
 
+VIT_MASK_ROWS = 4  # query rows of the token grid per fused-attention call (mask chunk: heads x 4 x 64 x 4096)
+
+
 def _sdpa_vit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     """segment-anything's ViT ``Attention.forward`` with one fused attention kernel.
 
     Same maths: the decomposed relative positions (q . R_h, q . R_w) become the additive
     mask of ``scaled_dot_product_attention``, so the (heads, N, N) score matrix is not
-    built, shifted twice and soft-maxed in separate passes (4 global blocks of ViT-B at
-    1024: 2.6 s -> 1.2 s each on this CPU). Embeddings agree to float rounding (tested).
+    built, shifted twice and soft-maxed in separate passes. The mask is built and used
+    ``VIT_MASK_ROWS`` query rows at a time into one reused buffer: the whole (12, 4096,
+    4096) mask of a global block would be 805 MB written and read back through memory
+    (and a further copy when the broadcast sum comes out non-contiguous); a chunk of it
+    stays in cache. Embeddings agree to float rounding (tested).
     """
     from segment_anything.modeling.image_encoder import get_rel_pos
 
@@ -123,13 +129,23 @@ def _sdpa_vit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
     nh = self.num_heads
     qkv = self.qkv(x).reshape(B, H * W, 3, nh, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.reshape(3, B * nh, H * W, -1).unbind(0)
-    mask = None
-    if self.use_rel_pos:
-        r_q = q.reshape(B * nh, H, W, -1)
+    if not self.use_rel_pos:
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], scale=self.scale)[0]
+    else:
+        q = q.contiguous()
+        r_q = q.view(B * nh, H, W, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(H, H, self.rel_pos_h))
         rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(W, W, self.rel_pos_w))
-        mask = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(1, B * nh, H * W, H * W)
-    o = torch.nn.functional.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.scale)[0]
+        rows = min(H, VIT_MASK_ROWS)
+        buf = q.new_empty((B * nh, rows, W, H, W))
+        o = q.new_empty(q.shape[:-1] + v.shape[-1:])
+        for r0 in range(0, H, rows):
+            r1 = min(H, r0 + rows)
+            m = buf[:, : r1 - r0]
+            torch.add(rel_h[:, r0:r1, :, :, None], rel_w[:, r0:r1, :, None, :], out=m)
+            o[:, r0 * W : r1 * W] = F.scaled_dot_product_attention(
+                q[None, :, r0 * W : r1 * W], k[None], v[None], attn_mask=m.view(1, B * nh, (r1 - r0) * W, H * W), scale=self.scale
+            )[0]
     x = o.view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
     return self.proj(x)
 
