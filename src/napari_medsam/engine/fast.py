@@ -321,6 +321,17 @@ class FusedDecoder:
             self.pe = pe.flatten(2)[0].transpose(0, 1).contiguous()  # (N, C)
             self.no_mask = self.pe_module.no_mask_embed.weight.reshape(-1).clone()
             self.out_tokens = torch.cat([self.dec.iou_token.weight, self.dec.mask_tokens.weight], 0).clone()
+            # the positional encoding is the same for every image: its projections by the
+            # three later image-side weights, heads split and transposed (H, d, N)
+            l1 = self.layers[1]
+            n = self.pe.shape[0]
+
+            def proj(w):
+                return (self.pe @ w.weight.t()).view(n, self.heads, -1).permute(1, 2, 0).contiguous()
+
+            self.pe_k1 = proj(l1.cross_attn_token_to_image.k_proj)
+            self.pe_q1 = proj(l1.cross_attn_image_to_token.q_proj)
+            self.pe_kf = proj(t.final_attn_token_to_image.k_proj)
         self._states: "OrderedDict[object, _ImageState]" = OrderedDict()
         self._cache_entries = cache_entries
         self._lock = threading.Lock()
@@ -412,15 +423,25 @@ class FusedDecoder:
         z = torch.baddbmm(z * alpha, p, values)
         return [mn, s, z]
 
+    @staticmethod
+    def _softmax_dim2(x: torch.Tensor) -> torch.Tensor:
+        """Softmax over axis 2 of (B, H, T, n) with T = 7: along the long contiguous axis
+        (``torch.softmax(dim=2)`` walks the short strided one, ~10x slower)."""
+        e = torch.exp(x - x.amax(2, keepdim=True))
+        return e.div_(e.sum(2, keepdim=True))
+
     def transformer(self, st: _ImageState, sparse: torch.Tensor):
-        """(B, T, C) prompt tokens -> (hs (B, 2, C): IoU token and mask token 0, keys (B, N, C)).
+        """(B, T, C) prompt tokens -> (hs (B, 2, C): IoU token and mask token 0, keys chunks).
 
         The 4096-token image side is walked in chunks of ``chunk`` tokens, twice: each
         chunk's keys go through layer 0's update, layer 1's token->image logits, its
         image->token update and the final attention's logits while they are in cache;
         the two token->image softmaxes over all image tokens are accumulated online.
         Every 4096 x 256 intermediate of the plain order would otherwise make a round
-        trip through memory, which on a shared CPU costs more than its arithmetic.
+        trip through memory, which on a shared CPU costs more than its arithmetic. The
+        positional encoding's share of each image-side logit comes from projections
+        made once (``pe_k1``, ``pe_q1``, ``pe_kf``) instead of a keys + pe sum per chunk.
+        Returns the final keys as a list of (B, chunk, C) tensors.
         """
         b = sparse.shape[0]
         h = self.heads
@@ -433,7 +454,8 @@ class FusedDecoder:
         q = queries + qpe
         qp = self._heads(l0.cross_attn_token_to_image.q_proj(q), h)  # (B, H, T, d)
         d = qp.shape[-1]
-        a = torch.softmax(torch.matmul(qp, st.k0.unsqueeze(0)) * (d ** -0.5), dim=-1)  # (B, H, T, N)
+        s = d ** -0.5
+        a = torch.softmax(torch.matmul(qp, st.k0.unsqueeze(0)) * s, dim=-1)  # (B, H, T, N)
         o = torch.matmul(a, st.v0.unsqueeze(0)).transpose(1, 2).reshape(b, -1, h * d)
         queries = l0.norm2(queries + l0.cross_attn_token_to_image.out_proj(o))
         queries = l0.norm3(queries + l0.mlp(queries))
@@ -441,51 +463,51 @@ class FusedDecoder:
         i2t0 = l0.cross_attn_image_to_token
         kp = self._heads(i2t0.k_proj(q), h)
         n = st.q0.shape[-1]
-        a0 = torch.softmax(torch.matmul(kp * (d ** -0.5), st.q0.unsqueeze(0)), dim=2).reshape(b, h * t, n)
+        a0 = self._softmax_dim2(torch.matmul(kp * s, st.q0.unsqueeze(0))).reshape(b, h * t, n)
         vo0 = self._img2tok_values(i2t0, queries)  # (B, H*T, C)
         # layer 1 up to its token->image attention: the queries do not depend on the keys
         q = queries + qpe
         queries = l1.norm1(queries + l1.self_attn(q=q, k=q, v=queries))
         q = queries + qpe
         t2i1 = l1.cross_attn_token_to_image
-        qk1 = self._tok2img_queries(t2i1, q)  # (B, H*T, C)
-        pe = self.pe
-        c = pe.shape[1]
-        keys1 = torch.empty((b, n, c))
-        keys2 = torch.empty((b, n, c))
+        qp1 = self._heads(t2i1.q_proj(q), h) * s  # (B, H, T, d)
+        qk1 = torch.einsum("bhtd,hdc->bhtc", qp1, t2i1.k_proj.weight.view(h, d, -1)).reshape(b, h * t, -1)
+        pel1 = torch.matmul(qp1, self.pe_k1.unsqueeze(0)).reshape(b, h * t, n)  # (B, H*T, N)
+        c = qk1.shape[-1]
+        keys1 = []
         n4 = l0.norm4
         acc = None
         for i0 in range(0, n, self.chunk):
             i1 = min(n, i0 + self.chunk)
             k1 = F.layer_norm(torch.baddbmm(st.x0[i0:i1].unsqueeze(0), a0[:, :, i0:i1].transpose(1, 2), vo0), (c,), n4.weight, n4.bias, n4.eps)
-            keys1[:, i0:i1] = k1
-            acc = self._online_softmax_step(acc, torch.bmm(qk1, (k1 + pe[i0:i1]).transpose(1, 2)), k1)
+            keys1.append(k1)
+            acc = self._online_softmax_step(acc, torch.baddbmm(pel1[:, :, i0:i1], qk1, k1.transpose(1, 2)), k1)
         queries = l1.norm2(queries + self._tok2img_out(t2i1, acc[2] / acc[1], t))
         queries = l1.norm3(queries + l1.mlp(queries))
         q = queries + qpe
         # layer 1 image->token update, and the final token->image attention (IoU token and
         # mask token 0 only: nothing else is read with multimask_output=False)
         i2t1 = l1.cross_attn_image_to_token
-        kp = self._heads(i2t1.k_proj(q), h)
-        s = d ** -0.5
-        wq = i2t1.q_proj.weight.view(h, d, c)
-        kq = torch.einsum("bhtd,hdc->bhtc", kp * s, wq).reshape(b, h * t, c)
-        cb = torch.einsum("bhtd,hd->bht", kp * s, i2t1.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
+        kp = self._heads(i2t1.k_proj(q), h) * s
+        kq = torch.einsum("bhtd,hdc->bhtc", kp, i2t1.q_proj.weight.view(h, d, c)).reshape(b, h * t, c)
+        cb = torch.einsum("bhtd,hd->bht", kp, i2t1.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
+        pel2 = torch.matmul(kp, self.pe_q1.unsqueeze(0)).reshape(b, h * t, n) + cb
         vo1 = self._img2tok_values(i2t1, queries)
         fin = self.dec.transformer.final_attn_token_to_image
         qf = (queries + qpe)[:, :2]
-        qk2 = self._tok2img_queries(fin, qf)  # (B, H*2, C)
+        qpf = self._heads(fin.q_proj(qf), h) * s  # (B, H, 2, d)
+        qk2 = torch.einsum("bhtd,hdc->bhtc", qpf, fin.k_proj.weight.view(h, d, c)).reshape(b, h * 2, c)
+        pel3 = torch.matmul(qpf, self.pe_kf.unsqueeze(0)).reshape(b, h * 2, n)
         n4 = l1.norm4
+        keys2 = []
         acc = None
-        for i0 in range(0, n, self.chunk):
-            i1 = min(n, i0 + self.chunk)
-            k1 = keys1[:, i0:i1]
-            # logits laid out (B, H, T, n): a softmax over a last axis of 7 is ~20x slower
-            lg = torch.baddbmm(cb, kq, (k1 + pe[i0:i1]).transpose(1, 2))  # (B, H*T, n)
-            a1 = torch.softmax(lg.view(b, h, t, i1 - i0), dim=2).view(b, h * t, i1 - i0)
+        for k1, i0 in zip(keys1, range(0, n, self.chunk)):
+            i1 = i0 + k1.shape[1]
+            lg = torch.baddbmm(pel2[:, :, i0:i1], kq, k1.transpose(1, 2))  # (B, H*T, n)
+            a1 = self._softmax_dim2(lg.view(b, h, t, i1 - i0)).view(b, h * t, i1 - i0)
             k2 = F.layer_norm(torch.baddbmm(k1, a1.transpose(1, 2), vo1), (c,), n4.weight, n4.bias, n4.eps)
-            keys2[:, i0:i1] = k2
-            acc = self._online_softmax_step(acc, torch.bmm(qk2, (k2 + pe[i0:i1]).transpose(1, 2)), k2)
+            keys2.append(k2)
+            acc = self._online_softmax_step(acc, torch.baddbmm(pel3[:, :, i0:i1], qk2, k2.transpose(1, 2)), k2)
         out = queries[:, :2] + self._tok2img_out(fin, acc[2] / acc[1], 2)
         return self.dec.transformer.norm_final_attn(out), keys2
 
@@ -520,14 +542,16 @@ class FusedDecoder:
         if keys is None:
             sparse, _ = self.pe_module(points=None, boxes=box_t[:, None, :], masks=None)
             keys = self.transformer(st, sparse)
-        hs, k2 = keys
+        hs, chunks = keys
         dec = self.dec
         b = hs.shape[0]
         gh, gw = st.grid
-        src = k2.view(b, gh, gw, -1)
-        if window is not None:
-            ty0, ty1, tx0, tx1 = window
-            src = src[:, ty0:ty1, tx0:tx1]
+        ty0, ty1, tx0, tx1 = window if window is not None else (0, gh, 0, gw)
+        # the chunks holding grid rows ty0..ty1 (all of them unless chunks are whole rows)
+        rows = self.chunk // gw if self.chunk % gw == 0 else gh
+        c0, c1 = ty0 // rows, min(len(chunks), -(-ty1 // rows))
+        part = chunks[c0] if c1 - c0 == 1 else torch.cat(chunks[c0:c1], 1)
+        src = part.view(b, -1, gw, part.shape[-1])[:, ty0 - c0 * rows : ty1 - c0 * rows, tx0:tx1]
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0 only (multimask off)
         m = self._upscale(src, hyper)
         if window is not None:
