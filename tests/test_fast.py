@@ -218,6 +218,35 @@ def test_batch_of_boxes_matches_default(lite, samples):
     np.testing.assert_allclose(got.iou, ref.iou, atol=1e-3)
 
 
+@pytest.mark.parametrize("chunk", [1000, 1024, 4096])
+def test_chunked_transformer_logits_equal_default_decoder(lite, samples, chunk):
+    """The fused decoder's low-res logits equal segment-anything's mask decoder's, for chunk
+    sizes that cut grid rows (1000) or not, one chunk (4096), a batch of boxes, and a window."""
+    rgb = _prepared(samples / "busi_malignant_1.png", "ultrasound", lite)
+    emb = lite.embed_rgb(rgb)
+    dec = F.FusedDecoder(lite.module)
+    dec.chunk = chunk
+    st = dec.image_state(emb.features)
+    boxes = np.array([[60, 120, 300, 330], [10, 10, 80, 60], [200, 300, 430, 590]], float)
+    box_t = lite.recipe.scale_boxes(boxes, emb.original_size, emb.resized)
+    pe = lite.module.prompt_encoder
+    with torch.inference_mode():
+        sparse, dense = pe(points=None, boxes=box_t[:, None, :], masks=None)
+        ref, ref_iou = lite.module.mask_decoder(
+            image_embeddings=emb.features.float(), image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=False,
+        )
+        got, iou, keys = dec.logits(st, box_t)
+        win = (10, 40, 5, 30)
+        part, _, _ = dec.logits(st, box_t, win, keys=keys)
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= 1e-5 * scale
+    torch.testing.assert_close(iou, ref_iou, atol=1e-5, rtol=1e-4)
+    y0, y1, x0, x1 = (v * 4 for v in win)
+    torch.testing.assert_close(part[..., y0:y1, x0:x1], got[..., y0:y1, x0:x1])
+    assert bool((part[..., :y0, :] == -1e4).all()) and bool((part[..., :, x1:] == -1e4).all())
+
+
 def test_pixel_span_covers_bilinear_reads():
     rng = np.random.default_rng(1)
     for _ in range(200):

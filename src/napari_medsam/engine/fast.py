@@ -548,8 +548,11 @@ class FusedDecoder:
         gh, gw = st.grid
         ty0, ty1, tx0, tx1 = window if window is not None else (0, gh, 0, gw)
         # the chunks holding grid rows ty0..ty1 (all of them unless chunks are whole rows)
-        rows = self.chunk // gw if self.chunk % gw == 0 else gh
-        c0, c1 = ty0 // rows, min(len(chunks), -(-ty1 // rows))
+        if self.chunk % gw == 0:
+            rows = self.chunk // gw
+            c0, c1 = ty0 // rows, min(len(chunks), -(-ty1 // rows))
+        else:
+            rows, c0, c1 = 0, 0, len(chunks)
         part = chunks[c0] if c1 - c0 == 1 else torch.cat(chunks[c0:c1], 1)
         src = part.view(b, -1, gw, part.shape[-1])[:, ty0 - c0 * rows : ty1 - c0 * rows, tx0:tx1]
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0 only (multimask off)
