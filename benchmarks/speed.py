@@ -114,7 +114,12 @@ NOTES = """### What was tried (issue #6), and why the shipped `fast=True` is wha
   the (heads, 4096, 4096) score matrix, adds the decomposed relative positions in two broadcast
   passes that allocate 800 MB each, then soft-maxes in a third; `scaled_dot_product_attention` with
   the relative positions as its additive mask does it in one fused kernel (same maths, embeddings
-  equal to float rounding, tested). Windowed blocks use the same kernel.
+  equal to float rounding, tested). Windowed blocks use the same kernel. The mask itself is built
+  4 query rows at a time into one reused buffer: the whole mask of a global block is 805 MB, and
+  writing it, copying it (the broadcast sum came out non-contiguous) and reading it back cost
+  ~1.5 s per global block (ViT-B: 15.9 s -> ~10 s per slice on this CPU, ~1.6 GB less peak memory).
+  What is left is mostly the 12 blocks' linear layers (~700 GFLOP, near the GEMM peak) and the
+  flash-attention kernel itself.
 * **ONNX Runtime for the decoder**: the restructured transformer exported to ONNX ran ~15 % slower
   than eager PyTorch on one thread (skinny GEMMs; no fusable work left) - not shipped.
 * **Memory**: `fast=True` stores embeddings as fp16, 2.10 MB each (its agreement row above includes

@@ -17,12 +17,16 @@ Decoder (``decoder="fused"``, the default of ``fast=True``), pure PyTorch:
   the image side is folded into a 4096 x 256 x 56 product with the projection
   weights moved to the token side (same maths, different rounding). The key bias
   of token->image attention is dropped: it is constant along the softmax axis;
+* **chunked image side**: the 4096 image tokens are walked in chunks of 1024, twice,
+  so each chunk's intermediates stay in cache (softmaxes over all image tokens are
+  accumulated online); the positional encoding's share of each image-side logit comes
+  from projections made once per model;
 * **only what ``multimask_output=False`` reads**: one hypernetwork MLP, and in the
   final token->image attention only the IoU token and the first mask token attend;
 * **only the needed part of the output upscaling**: the two stride-2 transposed
   convolutions and the per-pixel LayerNorm are local (each 256-grid logit depends
   on one 64-grid token), so for ``predict(region=...)`` only the tokens under the
-  region are upscaled - identical values there;
+  region are upscaled, as three channels-last matrix products - identical values there;
 * ``auto_region=True`` (default with ``fast=True``): a full-size mask is computed
   in the box grown by a margin; if any positive logit lies on that window's border
   the whole plane is computed instead. Differs from the full computation only when
