@@ -198,6 +198,33 @@ def test_medsam_vit_fused_attention_agrees(medsam_random, samples):
                 del mod.forward
 
 
+def test_vit_fused_attention_forward_and_gradients_match():
+    """The fused ViT attention on a small windowed-size grid: same output and same gradients
+    (rel-pos tables included) as segment-anything's own forward, mask built in row chunks."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    from napari_medsam.engine.fast import _sdpa_vit_attention_forward
+
+    torch.manual_seed(0)
+    attn = Attention(64, num_heads=4, use_rel_pos=True, input_size=(14, 14))
+    with torch.no_grad():
+        attn.rel_pos_h.normal_()
+        attn.rel_pos_w.normal_()
+    x = torch.randn(3, 14, 14, 64)
+    outs, grads = [], []
+    for fwd in (attn.forward, lambda t: _sdpa_vit_attention_forward(attn, t)):
+        attn.zero_grad()
+        y = fwd(x)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in (attn.rel_pos_h, attn.rel_pos_w, attn.qkv.weight)])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    with torch.inference_mode():  # the buffered (no-autograd) path
+        torch.testing.assert_close(_sdpa_vit_attention_forward(attn, x), outs[0], atol=1e-5, rtol=1e-4)
+
+
 def test_medsam_checkpoint_missing_and_wrong(tmp_path, monkeypatch):
     monkeypatch.setenv(checkpoints.ENV_DIR, str(tmp_path))
     monkeypatch.delenv("NAPARI_MEDSAM_MEDSAM", raising=False)

@@ -141,14 +141,18 @@ def _sdpa_vit_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(H, H, self.rel_pos_h))
         rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(W, W, self.rel_pos_w))
         rows = min(H, VIT_MASK_ROWS)
-        buf = q.new_empty((B * nh, rows, W, H, W))
+        grad = torch.is_grad_enabled()  # out= has no autograd: fresh chunks when gradients flow
+        buf = None if grad else q.new_empty((B * nh, rows, W, H, W))
         o = q.new_empty(q.shape[:-1] + v.shape[-1:])
         for r0 in range(0, H, rows):
             r1 = min(H, r0 + rows)
-            m = buf[:, : r1 - r0]
-            torch.add(rel_h[:, r0:r1, :, :, None], rel_w[:, r0:r1, :, None, :], out=m)
+            if grad:
+                m = rel_h[:, r0:r1, :, :, None] + rel_w[:, r0:r1, :, None, :]
+            else:
+                m = buf[:, : r1 - r0]
+                torch.add(rel_h[:, r0:r1, :, :, None], rel_w[:, r0:r1, :, None, :], out=m)
             o[:, r0 * W : r1 * W] = F.scaled_dot_product_attention(
-                q[None, :, r0 * W : r1 * W], k[None], v[None], attn_mask=m.view(1, B * nh, (r1 - r0) * W, H * W), scale=self.scale
+                q[None, :, r0 * W : r1 * W], k[None], v[None], attn_mask=m.reshape(1, B * nh, (r1 - r0) * W, H * W), scale=self.scale
             )[0]
     x = o.view(B, nh, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
     return self.proj(x)
@@ -308,7 +312,9 @@ class FusedDecoder:
     """SAM's prompt encoder + mask decoder for box prompts, restructured for CPU.
 
     Same weights and maths as ``segment_anything`` (``multimask_output=False``);
-    see the module docstring for what is reordered.
+    see the module docstring for what is reordered. Products of the weights with the
+    positional encoding and the output tokens are taken when it is built: build it (or
+    call :func:`accelerate` again) after loading other weights into the module.
     """
 
     chunk = 1024  # image tokens per step of the chunked transformer (1024 x 256 floats: 1 MB, the L2 size)
