@@ -47,15 +47,22 @@ def shared_model():
     return MedSAM.load("litemedsam", device="cpu")
 
 
+@pytest.fixture(scope="module")
+def shared_fast_model():
+    from napari_medsam.engine import MedSAM
+
+    return MedSAM.load("litemedsam", device="cpu", fast=True)
+
+
 @pytest.fixture
-def use_shared_model(shared_model, monkeypatch):
+def use_shared_model(shared_model, shared_fast_model, monkeypatch):
     real = batch.load_model
 
-    def load(model="litemedsam", device="auto", checkpoint=None, cache=None):
+    def load(model="litemedsam", device="auto", checkpoint=None, cache=None, fast=False):
         batch.check_device(device)
         if model == "litemedsam" and checkpoint is None:
-            return shared_model
-        return real(model, device, checkpoint, cache)
+            return shared_fast_model if fast else shared_model
+        return real(model, device, checkpoint, cache, fast)
 
     monkeypatch.setattr(batch, "load_model", load)
     return shared_model
@@ -170,6 +177,23 @@ def test_batch_cli_exit_codes(use_shared_model, tmp_path, capsys):
         w.writerow(rows[0])
     assert cli.main(["batch", str(prompts), "--out-dir", str(tmp_path / "out2"), "--no-progress"]) == 0
     assert np.array_equal(tifffile.imread(out_dir / "busi.tif"), tifffile.imread(tmp_path / "out2" / "busi.tif"))
+
+
+def test_segment_and_batch_fast_agree_with_default(use_shared_model, shared_fast_model, tmp_path, capsys):
+    """--fast (fused decoder + ONNX Runtime or fused encoder) gives the default's mask on a real image."""
+    from napari_medsam.engine.evaluation import dice
+
+    exact, fast = tmp_path / "exact.tif", tmp_path / "fast.tif"
+    assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(exact), "--device", "cpu"]) == 0
+    assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(fast), "--device", "cpu", "--fast"]) == 0
+    assert shared_fast_model.fast is not None and shared_fast_model.fast.decoder is not None
+    a, b = tifffile.imread(exact) > 0, tifffile.imread(fast) > 0
+    assert a.any() and dice(a, b) >= 0.99
+    prompts = tmp_path / "p.csv"
+    prompts.write_text(f'image,box,name\n{BUSI},"{BUSI_BOX}",busi\n')
+    assert cli.main(["batch", str(prompts), "--out-dir", str(tmp_path / "out"), "--no-progress", "--fast"]) == 0
+    assert dice(tifffile.imread(tmp_path / "out" / "busi.tif") > 0, a) >= 0.99
+    capsys.readouterr()
 
 
 def test_batch_cli_setup_errors_exit_2(tmp_path, capsys):

@@ -247,6 +247,21 @@ def test_chunked_transformer_logits_equal_default_decoder(lite, samples, chunk):
     assert bool((part[..., :y0, :] == -1e4).all()) and bool((part[..., :, x1:] == -1e4).all())
 
 
+def test_fast_encoder_embeddings_never_shared_with_the_exact_path(lite, samples):
+    """One cache behind the exact model and a fused-encoder model: each gets its own embedding."""
+    from napari_medsam import MedSAM
+    from napari_medsam.engine.cache import EmbeddingCache
+
+    cache = EmbeddingCache()
+    exact = MedSAM(lite.spec, lite.module, lite.device, cache, lite.checkpoint)
+    fused = MedSAM(lite.spec, lite.module, lite.device, cache, lite.checkpoint, fast={"encoder": "fused", "decoder": "fused"})
+    rgb = _prepared(samples / "busi_malignant_1.png", "ultrasound", lite)
+    a, b = exact.embed_rgb(rgb), fused.embed_rgb(rgb)
+    assert b.key == a.key + ":fused" and a is not b
+    assert exact.embed_rgb(rgb) is a and fused.embed_rgb(rgb) is b  # each one's own cache hit
+    assert not torch.equal(a.features, b.features)  # rounding differs: exactly why they are kept apart
+
+
 def test_pixel_span_covers_bilinear_reads():
     rng = np.random.default_rng(1)
     for _ in range(200):

@@ -26,7 +26,7 @@ from .engine.predictor import MedSAM, Prediction
 #: encoder and accepted labels keep the authors' exact numerics.
 PREVIEW_FAST = {"encoder": None, "decoder": "fused", "auto_region": True, "decoder_threads": 1}
 #: ViT models (MedSAM, SAM): the encoder's attention as one fused kernel (engine/fast.py
-#: ``sdpa_vit``; embeddings equal to float rounding), 1.4-2x faster per slice on a CPU.
+#: ``sdpa_vit``; embeddings equal to float rounding), ~2.3x faster per slice on a CPU.
 VIT_FAST = {"encoder": "sdpa", "decoder": None}
 
 Index = Tuple[int, ...]

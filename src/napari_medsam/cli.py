@@ -27,6 +27,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="weights file (default: env var, installed package, user cache)")
 
 
+def _fast_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fast", action="store_true", help=(
+        "opt-in CPU speed-ups: fused decoder, ONNX Runtime encoder if napari-medsam[onnx] is installed "
+        "(else a fused PyTorch one); LiteMedSAM masks agree with the default's at mean Dice 0.9999 "
+        "(docs/benchmarks_speed.md). Default: the authors' exact numerics"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -48,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--propagate", action="store_true", help="volume: segment the object in 3D from the key slice")
     s.add_argument("--z-range", metavar="FIRST,LAST", help="volume: limit propagation to these slices")
     _model_options(s)
+    _fast_option(s)
 
     b = sub.add_parser("batch", help="segment every row of a prompts CSV", description=(
         "Segment every row of a prompts CSV (columns image, box; optional modality, window, slice, propagate, "
@@ -55,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("prompts", help="prompts CSV; relative paths are resolved against its folder")
     b.add_argument("--out-dir", required=True, metavar="DIR", help="folder for masks and summary.csv")
     _model_options(b)
+    _fast_option(b)
     par = b.add_mutually_exclusive_group()
     par.add_argument("--workers", type=int, metavar="N", help="run on a local Dask cluster of N processes (needs napari-medsam[dask])")
     par.add_argument("--scheduler", metavar="ADDRESS", help="run on this Dask scheduler, e.g. tcp://host:8786 (needs napari-medsam[dask])")
@@ -93,7 +102,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     modality, window = a.modality, a.window
     if a.channels:
         image, modality, window = _composed(image, a.channels, modality, window)
-    model = load_model(a.model, a.device, a.checkpoint)
+    model = load_model(a.model, a.device, a.checkpoint, fast=a.fast)
     seg = ImageSession(model, image).segment(box, modality, window, a.slice, a.propagate, z_range)
     out = write_labels(a.output, seg.mask.astype("uint8"), like=image)
     iou = "" if seg.iou is None else f", predicted IoU {seg.iou:.3f}"
@@ -123,6 +132,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
     res = run_batch(
         a.prompts, a.out_dir, model=a.model, device=a.device, checkpoint=a.checkpoint,
         workers=a.workers, scheduler=a.scheduler, cache_dir=a.cache_dir, progress=not a.no_progress,
+        fast=a.fast,
     )
     print(f"{len(res.rows)} rows: {res.n_ok} ok, {res.n_failed} failed in {res.seconds:.1f} s; "
           f"masks in {res.out_dir}, summary {res.summary_path}")

@@ -295,26 +295,30 @@ def model_spec(name: str):
         raise BatchError(str(exc.args[0])) from None
 
 
-def load_model(model="litemedsam", device: str = "auto", checkpoint: Optional[str] = None, cache: Optional[EmbeddingCache] = None):
-    """A :class:`MedSAM` from a registry name (an existing instance is returned as is)."""
+def load_model(model="litemedsam", device: str = "auto", checkpoint: Optional[str] = None,
+               cache: Optional[EmbeddingCache] = None, fast: bool = False):
+    """A :class:`MedSAM` from a registry name (an existing instance is returned as is).
+
+    ``fast``: the opt-in speed-ups of ``MedSAM.load(fast=True)`` (engine/fast.py).
+    """
     from .predictor import MedSAM
 
     if isinstance(model, MedSAM):
         return model
     spec = model_spec(model)
-    return MedSAM.load(spec.name, check_device(device), checkpoint, cache=cache)
+    return MedSAM.load(spec.name, check_device(device), checkpoint, cache=cache, fast=True if fast else None)
 
 
-# Worker-side model cache: one model per (model, device, checkpoint) per process.
-_WORKER_MODELS: Dict[Tuple[str, str, Optional[str]], object] = {}
+# Worker-side model cache: one model per (model, device, checkpoint, fast) per process.
+_WORKER_MODELS: Dict[Tuple[str, str, Optional[str], bool], object] = {}
 _WORKER_CACHES: Dict[Optional[str], EmbeddingCache] = {}
 
 
-def _worker_model(model: str, device: str, checkpoint: Optional[str], cache_dir: Optional[str]):
-    key = (model, device, checkpoint)
+def _worker_model(model: str, device: str, checkpoint: Optional[str], cache_dir: Optional[str], fast: bool = False):
+    key = (model, device, checkpoint, fast)
     m = _WORKER_MODELS.get(key)
     if m is None:
-        m = _WORKER_MODELS[key] = load_model(model, device, checkpoint)
+        m = _WORKER_MODELS[key] = load_model(model, device, checkpoint, fast=fast)
     if cache_dir not in _WORKER_CACHES:
         _WORKER_CACHES[cache_dir] = EmbeddingCache(max_bytes=_GROUP_CACHE_BYTES, disk_dir=cache_dir)
     m.cache = _WORKER_CACHES[cache_dir]
@@ -537,9 +541,9 @@ def run_group(model, rows: Sequence[PromptRow], out_dir: PathLike, base: Optiona
     return results
 
 
-def _run_group_task(rows, out_dir, base, model, device, checkpoint, cache_dir):
+def _run_group_task(rows, out_dir, base, model, device, checkpoint, cache_dir, fast=False):
     """Dask task: the worker's cached model runs one image group."""
-    m = _worker_model(model, device, checkpoint, cache_dir)
+    m = _worker_model(model, device, checkpoint, cache_dir, fast)
     return run_group(m, rows, out_dir, base)
 
 
@@ -601,6 +605,7 @@ def run_batch(
     cache_dir: Optional[PathLike] = None,
     progress: bool = True,
     log: Optional[Callable[[str], None]] = _stderr,
+    fast: bool = False,
 ) -> BatchResult:
     """Segment every row of ``prompts_csv`` into ``out_dir``; see the module docstring.
 
@@ -611,6 +616,8 @@ def run_batch(
         cache_dir: on-disk embedding cache shared by all workers (and later runs).
         progress: show a tqdm bar on stderr.
         log: called with one line per failed row (default: stderr); None for silence.
+        fast: load the model with the opt-in speed-ups (``MedSAM.load(fast=True)``; ignored
+            when ``model`` is already loaded).
 
     Raises:
         MedSAMError: the batch cannot start (prompts file, model, checkpoint, device, dask).
@@ -644,7 +651,7 @@ def run_batch(
             model_spec(model)
         if groups:
             cache = EmbeddingCache(max_bytes=_GROUP_CACHE_BYTES, disk_dir=cache_dir)
-            m = load_model(model, device, checkpoint, cache=cache)
+            m = load_model(model, device, checkpoint, cache=cache, fast=fast)
     else:
         if not isinstance(model, str):
             model = model.name  # workers load their own copy
@@ -680,7 +687,7 @@ def run_batch(
             finally:
                 m.cache = saved_cache
         elif client is not None:
-            _run_distributed(client, groups, out_dir, base, spec.name, device, checkpoint, cache_dir, report)
+            _run_distributed(client, groups, out_dir, base, spec.name, device, checkpoint, cache_dir, report, fast)
     finally:
         bar.close()
         if client is not None:
@@ -693,14 +700,14 @@ def run_batch(
     return BatchResult(ordered, out_dir, summary, time.perf_counter() - t_start)
 
 
-def _run_distributed(client, groups, out_dir, base, model, device, checkpoint, cache_dir, report) -> None:
+def _run_distributed(client, groups, out_dir, base, model, device, checkpoint, cache_dir, report, fast=False) -> None:
     """One task per image group; results reported as they complete."""
     from dask.distributed import as_completed
 
     out_abs = str(Path(out_dir).resolve())
     futures = {}
     for g in groups:
-        fut = client.submit(_run_group_task, g, out_abs, base, model, device, checkpoint, cache_dir, pure=False)
+        fut = client.submit(_run_group_task, g, out_abs, base, model, device, checkpoint, cache_dir, fast, pure=False)
         futures[fut] = g
     for fut in as_completed(list(futures)):
         g = futures[fut]

@@ -773,6 +773,10 @@ def accelerate(
     )
     if ek == "onnx" and not isinstance(acc.encoder, OrtEncoder):
         acc.encoder_kind = "fused"
+    if acc.encoder is not None:
+        # same embeddings to float rounding, but not bit-identical: a cache (in memory or a
+        # shared --cache-dir) never hands them to the authors' exact path, nor the reverse
+        acc.key_suffix = f":{acc.encoder_kind}"
     if fp16_cache and model.cache is not None:
         model.cache.fp16 = True
     model.fast = acc

@@ -141,7 +141,7 @@ class MedSAM:
         """Like :meth:`embed_rgb`, and say whether the encoder ran (False: a cache hit)."""
         key = embedding_key(self.name, rgb)
         if self.fast is not None:
-            key += self.fast.key_suffix  # lossy fast encoders never share cache entries
+            key += self.fast.key_suffix  # fast encoders never share cache entries with the exact one
         if use_cache:
             hit = self.cache.get(key)
             if hit is not None:
