@@ -231,6 +231,26 @@ def test_multichannel_pick_channels(viewer_with, qtbot, samples):
     assert (c.labels.data == got).all() and c.channels == (1,), "a refused change changes nothing"
 
 
+def test_fast_encoder_checkbox_reloads_and_keeps_the_mask(viewer_with, qtbot, samples):
+    """Ticking "fast encoder" reloads LiteMedSAM with the ONNX Runtime / fused encoder; a drawn box
+    gives the exact encoder's mask (the engine's, same box) to Dice >= 0.99."""
+    case = next(c for c in load_cases(samples) if c.image.name == "busi_malignant_1.png")
+    gray = read_gray(case.image)
+    viewer, layer, widget, c0 = viewer_with(gray, name="ultrasound")
+    assert c0.model.fast is None or c0.model.fast.encoder is None, "off by default: the authors' encoder"
+    widget.fast_encoder.setChecked(True)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.controller is not c0 and widget.controller is not None, timeout=180_000)
+    c = _ready(qtbot, widget)
+    assert c.model.fast.encoder_kind in ("onnx", "fused"), c.model.fast.describe()
+    _draw(qtbot, viewer, widget, case.box)
+    got = c.labels.data == 1
+    exact = c0.model.segment(gray, case.box)
+    assert got.any() and dice(got, exact) >= 0.99
+    widget.model_combo.setCurrentText("medsam")
+    assert not widget.fast_encoder.isEnabled()
+
+
 def test_previews_decode_in_child_process_and_survive_its_death(viewer_with, qtbot, samples):
     """Previews are served by the decoder process; if it dies they go on in-process."""
     case = next(c for c in load_cases(samples) if c.image.name == "busi_malignant_1.png")

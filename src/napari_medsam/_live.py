@@ -29,6 +29,17 @@ PREVIEW_FAST = {"encoder": None, "decoder": "fused", "auto_region": True, "decod
 #: ``sdpa_vit``; embeddings equal to float rounding), ~2.3x faster per slice on a CPU.
 VIT_FAST = {"encoder": "sdpa", "decoder": None}
 
+
+def lite_options(fast_encoder: bool = False) -> dict:
+    """LiteMedSAM's ``fast`` options in the plugin: :data:`PREVIEW_FAST`, plus with ``fast_encoder``
+    the measured fastest encoder that keeps the masks (ONNX Runtime if installed, else the fused
+    PyTorch TinyViT; engine/fast.py ``fast_options``)."""
+    if not fast_encoder:
+        return dict(PREVIEW_FAST)
+    from .engine.fast import fast_options
+
+    return {**PREVIEW_FAST, "encoder": fast_options(True)["encoder"]}
+
 Index = Tuple[int, ...]
 
 

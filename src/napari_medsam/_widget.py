@@ -9,6 +9,7 @@ from napari.layers import Image
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -24,7 +25,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._controller import Controller
-from ._live import PREVIEW_FAST, VIT_FAST
+from ._live import VIT_FAST, lite_options
 from .engine.intensity import CT_PRESETS, parse_channels, window_from_limits
 from .engine.models.registry import REGISTRY
 from .engine.predictor import MedSAM
@@ -79,6 +80,13 @@ class MedSAMWidget(QWidget):
         browse.clicked.connect(self._browse)
         self.device_combo = QComboBox(toolTip="auto picks cuda, then mps, then cpu")
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
+        self.fast_encoder = QCheckBox(
+            "fast encoder",
+            toolTip="LiteMedSAM on the CPU: encode with ONNX Runtime (napari-medsam[onnx]) or a fused PyTorch "
+            "TinyViT, ~0.5-0.75x the time per slice (3D propagation too); masks agree with the exact encoder's "
+            "at mean Dice 0.9999. Off: the authors' exact numerics. ViT models always use fused attention",
+        )
+        self.model_combo.currentTextChanged.connect(lambda name: self.fast_encoder.setEnabled(name == "litemedsam"))
         self.intensity_combo = QComboBox(toolTip="How pixel values become the model's 8-bit input")
         self.intensity_combo.addItems(INTENSITY_CHOICES)
         self.level = QDoubleSpinBox(minimum=-5000, maximum=5000, value=40, toolTip="CT window level (HU)")
@@ -107,6 +115,7 @@ class MedSAMWidget(QWidget):
         row.addWidget(browse)
         form.addRow("weights", row)
         form.addRow("device", self.device_combo)
+        form.addRow("", self.fast_encoder)
         form.addRow("intensity", self.intensity_combo)
         lw = QHBoxLayout()
         lw.addWidget(self.level)
@@ -220,7 +229,10 @@ class MedSAMWidget(QWidget):
         if image is None:
             self.set_status("pick an image layer")
             return
-        key = (self.model_combo.currentText(), self.device_combo.currentText(), self.checkpoint.text().strip() or None)
+        key = (
+            self.model_combo.currentText(), self.device_combo.currentText(), self.checkpoint.text().strip() or None,
+            self.fast_encoder.isChecked(),
+        )
         if self.controller is not None and key == self._model_key:
             self._attach(image)
             return
@@ -231,7 +243,7 @@ class MedSAMWidget(QWidget):
 
         def load():
             try:
-                fast = PREVIEW_FAST if key[0] == "litemedsam" else VIT_FAST
+                fast = lite_options(fast_encoder=key[3]) if key[0] == "litemedsam" else VIT_FAST
                 self._loader.loaded.emit(MedSAM.load(key[0], device=key[1], checkpoint=key[2], fast=fast), None)
             except Exception as exc:  # shown as a notification in the GUI thread
                 self._loader.loaded.emit(None, exc)
