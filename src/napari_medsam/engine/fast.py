@@ -16,7 +16,12 @@ Decoder (``decoder="fused"``, the default of ``fast=True``), pure PyTorch:
   tokens only ever meet 56 head-token vectors, so each 4096 x 256 x 128 projection of
   the image side is folded into a 4096 x 256 x 56 product with the projection
   weights moved to the token side (same maths, different rounding). The key bias
-  of token->image attention is dropped: it is constant along the softmax axis;
+  of token->image attention is dropped: it is constant along the softmax axis.
+  In layer 1 the image-side keys are ``LN(x + A^T v)`` (x the image tokens, A the
+  layer-0 attention, v 56 token vectors): its token->image logits and values and its
+  image->token logits are taken through that form - per-image projections of x with
+  the LayerNorm weight folded in, plus 56 attention weights and the LayerNorm mean and
+  scale per image token - instead of 256-wide products with the keys;
 * **chunked image side**: the 4096 image tokens are walked in chunks of 1024, twice,
   so each chunk's intermediates stay in cache (softmaxes over all image tokens are
   accumulated online); the positional encoding's share of each image-side logit comes
@@ -306,6 +311,12 @@ class _ImageState:
     v0: torch.Tensor  # (H, N, d) layer-0 token->image values
     q0: torch.Tensor  # (H, d, N) layer-0 image->token queries, transposed
     grid: Tuple[int, int]
+    # layer 1's image-side projections of the image tokens, with layer 0's final LayerNorm
+    # weight folded in (see FusedDecoder.transformer): keys (H, d, N), values (H, N, d),
+    # image->token queries (H, d, N)
+    xk1: Optional[torch.Tensor] = None
+    xv1: Optional[torch.Tensor] = None
+    xq1: Optional[torch.Tensor] = None
 
 
 class FusedDecoder:
@@ -367,7 +378,16 @@ class FusedDecoder:
         k0 = t2i.k_proj(kp).view(n, h, -1).permute(1, 2, 0).contiguous()
         v0 = t2i.v_proj(x0).view(n, h, -1).transpose(0, 1).contiguous()
         q0 = i2t.q_proj(kp).view(n, h, -1).permute(1, 2, 0).contiguous()
-        st = _ImageState(x0, k0, v0, q0, tuple(f.shape[-2:]))
+        l1 = self.layers[1]
+        g0 = l0.norm4.weight
+
+        def folded(lin):  # x0 @ (W diag g0)^T, heads split: (N, H, d)
+            return (x0 @ (lin.weight * g0).t()).view(n, h, -1)
+
+        xk1 = folded(l1.cross_attn_token_to_image.k_proj).permute(1, 2, 0).contiguous()
+        xv1 = folded(l1.cross_attn_token_to_image.v_proj).transpose(0, 1).contiguous()
+        xq1 = folded(l1.cross_attn_image_to_token.q_proj).permute(1, 2, 0).contiguous()
+        st = _ImageState(x0, k0, v0, q0, tuple(f.shape[-2:]), xk1, xv1, xq1)
         if key:
             with self._lock:
                 self._states[k] = st
@@ -440,6 +460,49 @@ class FusedDecoder:
         e = torch.exp(x - x.amax(2, keepdim=True))
         return e.div_(e.sum(2, keepdim=True))
 
+    @staticmethod
+    def _lowrank(w: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, vo: torch.Tensor):
+        """Token-side factors of ``w . LN(x + A^T vo)``: (w*g) vo^T (B, R, 56), w.g and w.beta (B, R, 1)."""
+        wg = w * g
+        return torch.bmm(wg, vo.transpose(1, 2)), wg.sum(-1, keepdim=True), torch.matmul(w, beta).unsqueeze(-1)
+
+    @staticmethod
+    def _lowrank_logits(f, wx: torch.Tensor, ac: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        """``w . LN(x_i + A_i^T vo)`` for a chunk: wx = w.(g x_i) (B, R, n), ac (B, 56, n), mu / rstd (B, 1, n)."""
+        m, u, cst = f
+        return torch.baddbmm(wx, m, ac).sub_(u * mu).mul_(rstd).add_(cst)
+
+    @staticmethod
+    def _lowrank_values_step(acc, logits, rstd, mu, ac, xv, h: int, t: int):
+        """One chunk of softmax(logits) @ W_v LN(x + A^T vo), kept as its factors and accumulated
+        online: sum of p (B, R, 1), p rstd @ (x W_v g) per head (B, H, T, d), p rstd @ A^T (B, R, 56),
+        p rstd . mu (B, R, 1)."""
+        b, r, n = logits.shape
+        mc = logits.amax(-1, keepdim=True)
+        if acc is None:
+            m = mc
+            p = torch.exp(logits - m)
+        else:
+            m = torch.maximum(acc[0], mc)
+            p = torch.exp(logits - m)
+        pr = p * rstd
+        parts = [
+            p.sum(-1, keepdim=True),
+            torch.matmul(pr.view(b, h, t, n), xv.unsqueeze(0)),
+            torch.bmm(pr, ac.transpose(1, 2)),
+            torch.bmm(pr, mu.transpose(1, 2)),
+        ]
+        if acc is None:
+            return [m, *parts]
+        alpha = torch.exp(acc[0] - m)
+        return [
+            m,
+            acc[1] * alpha + parts[0],
+            acc[2] * alpha.view(b, h, t, 1) + parts[1],
+            acc[3] * alpha + parts[2],
+            acc[4] * alpha + parts[3],
+        ]
+
     def transformer(self, st: _ImageState, sparse: torch.Tensor):
         """(B, T, C) prompt tokens -> (hs (B, 2, C): IoU token and mask token 0, keys chunks).
 
@@ -484,15 +547,32 @@ class FusedDecoder:
         qk1 = torch.einsum("bhtd,hdc->bhtc", qp1, t2i1.k_proj.weight.view(h, d, -1)).reshape(b, h * t, -1)
         pel1 = torch.matmul(qp1, self.pe_k1.unsqueeze(0)).reshape(b, h * t, n)  # (B, H*T, N)
         c = qk1.shape[-1]
-        keys1 = []
+        # keys1 = LN(x0 + A0^T vo0) = g0 * (x0 + A0^T vo0 - mu) * rstd + b0 per image token, so a
+        # product w . keys1 splits into w.(g0 x0) (cached per image as xk1/xv1/xq1), A0^T (vo0 (g0 w)),
+        # and mu / rstd from the LayerNorm: 56 + 16 numbers per token instead of 256.
         n4 = l0.norm4
+        g0, b0 = n4.weight, n4.bias
+        lr1 = self._lowrank(qk1, g0, b0, vo0)  # (M, u, c) of the token->image logits
+        vproj = t2i1.v_proj
+        wvg = (vproj.weight * g0).t()  # (C, H*d)
+        va = torch.matmul(vo0, wvg).view(b, h * t, h, d).permute(0, 2, 1, 3)  # (B, H, H*T rows, d)
+        keys1, stats1 = [], []
         acc = None
         for i0 in range(0, n, self.chunk):
             i1 = min(n, i0 + self.chunk)
-            k1 = F.layer_norm(torch.baddbmm(st.x0[i0:i1].unsqueeze(0), a0[:, :, i0:i1].transpose(1, 2), vo0), (c,), n4.weight, n4.bias, n4.eps)
+            a0c = a0[:, :, i0:i1]
+            k1, mu, rstd = torch.native_layer_norm(torch.baddbmm(st.x0[i0:i1].unsqueeze(0), a0c.transpose(1, 2), vo0), (c,), g0, b0, n4.eps)
+            mu, rstd = mu.transpose(1, 2), rstd.transpose(1, 2)  # (B, 1, n)
             keys1.append(k1)
-            acc = self._online_softmax_step(acc, torch.baddbmm(pel1[:, :, i0:i1], qk1, k1.transpose(1, 2)), k1)
-        queries = l1.norm2(queries + self._tok2img_out(t2i1, acc[2] / acc[1], t))
+            stats1.append((mu, rstd))
+            xk = torch.matmul(qp1, st.xk1[:, :, i0:i1].unsqueeze(0)).reshape(b, h * t, i1 - i0)
+            lg = self._lowrank_logits(lr1, xk, a0c, mu, rstd) + pel1[:, :, i0:i1]
+            acc = self._lowrank_values_step(acc, lg, rstd, mu, a0c, st.xv1[:, i0:i1], h, t)
+        m, ssum, zx, za, zmu = acc
+        # o = W_v keys1 weighted: [zx + za @ (vo0 diag(g0) W_v^T) - zmu * W_v g0] / sum + W_v b0 + b_v
+        o = zx + torch.matmul(za.view(b, h, t, -1), va) - zmu.view(b, h, t, 1) * (vproj.weight @ g0).view(1, h, 1, d)
+        o = o / ssum.view(b, h, t, 1) + (vproj.weight @ b0 + vproj.bias).view(1, h, 1, d)
+        queries = l1.norm2(queries + t2i1.out_proj(o.transpose(1, 2).reshape(b, t, h * d)))
         queries = l1.norm3(queries + l1.mlp(queries))
         q = queries + qpe
         # layer 1 image->token update, and the final token->image attention (IoU token and
@@ -502,6 +582,7 @@ class FusedDecoder:
         kq = torch.einsum("bhtd,hdc->bhtc", kp, i2t1.q_proj.weight.view(h, d, c)).reshape(b, h * t, c)
         cb = torch.einsum("bhtd,hd->bht", kp, i2t1.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
         pel2 = torch.matmul(kp, self.pe_q1.unsqueeze(0)).reshape(b, h * t, n) + cb
+        lr2 = self._lowrank(kq, g0, b0, vo0)
         vo1 = self._img2tok_values(i2t1, queries)
         fin = self.dec.transformer.final_attn_token_to_image
         qf = (queries + qpe)[:, :2]
@@ -511,9 +592,10 @@ class FusedDecoder:
         n4 = l1.norm4
         keys2 = []
         acc = None
-        for k1, i0 in zip(keys1, range(0, n, self.chunk)):
+        for k1, (mu, rstd), i0 in zip(keys1, stats1, range(0, n, self.chunk)):
             i1 = i0 + k1.shape[1]
-            lg = torch.baddbmm(pel2[:, :, i0:i1], kq, k1.transpose(1, 2))  # (B, H*T, n)
+            xq = torch.matmul(kp, st.xq1[:, :, i0:i1].unsqueeze(0)).reshape(b, h * t, i1 - i0)
+            lg = self._lowrank_logits(lr2, xq, a0[:, :, i0:i1], mu, rstd) + pel2[:, :, i0:i1]  # (B, H*T, n)
             a1 = self._softmax_dim2(lg.view(b, h, t, i1 - i0)).view(b, h * t, i1 - i0)
             k2 = F.layer_norm(torch.baddbmm(k1, a1.transpose(1, 2), vo1), (c,), n4.weight, n4.bias, n4.eps)
             keys2.append(k2)
