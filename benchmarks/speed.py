@@ -90,11 +90,15 @@ NOTES = """### What was tried (issue #6), and why the shipped `fast=True` is wha
   the image tokens in 1024-token chunks, twice (layer 0's update, layer 1's token->image logits;
   then layer 1's image->token update and the final attention's logits), with the two softmaxes
   over all image tokens accumulated online; the upscaling is three channels-last matrix products.
-  That took the median from ~38-42 ms to ~26-30 ms in the same conditions. What is left is
-  ~330 M multiply-adds of dense matrix products per box (5 x 58.7 M + 2 x 16.8 M), ~9 ms at the
-  matrix-product rates measured inside the decoder, plus ~200 small ops (MLPs whose 2 MB weights
-  are read for 7 tokens, softmaxes, LayerNorms, copies): the 15 ms p95 target is not reached on
-  this machine. A second torch thread does not help it (OpenMP start-up on every small op).
+  That took the median from ~38-42 ms to ~26-30 ms in the same conditions. Then layer 1's
+  three products with the keys went through their low-rank form: the keys are LN(x + A^T v),
+  so each product splits into per-image projections of x (LayerNorm weight folded in), the 56
+  attention weights and the LayerNorm mean and scale per token (~15 % off the transformer).
+  What is left is ~210 M multiply-adds per box (the two residual updates 4096 x 56 x 256, which
+  the LayerNorms need in full, and the low-rank and final-attention products), plus ~250 small
+  ops (MLPs whose 2 MB weights are read for 7 tokens, softmaxes, LayerNorms, copies): the 15 ms
+  p95 target is not reached on this machine. A second torch thread helps a little when the
+  machine is idle (the "torch default threads" row) and hurts when another process holds a core.
 * **Threads**: torch's OpenMP pool with 2 threads on 2 shared cores is the single largest factor
   on a busy machine: the authors' decoder went from ~250 ms (1 thread) to ~1.5-2 s per box
   (2 threads) while other jobs ran. The fast decoder therefore runs with 1 torch thread
