@@ -37,8 +37,6 @@ INTENSITY_CHOICES = (
 )
 
 
-
-
 def _guard_triton() -> None:
     """Keep Triton out of a process that has an OpenGL context and no CUDA.
 

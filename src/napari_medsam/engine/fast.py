@@ -314,9 +314,9 @@ class _ImageState:
     # layer 1's image-side projections of the image tokens, with layer 0's final LayerNorm
     # weight folded in (see FusedDecoder.transformer): keys (H, d, N), values (H, N, d),
     # image->token queries (H, d, N)
-    xk1: Optional[torch.Tensor] = None
-    xv1: Optional[torch.Tensor] = None
-    xq1: Optional[torch.Tensor] = None
+    xk1: torch.Tensor
+    xv1: torch.Tensor
+    xq1: torch.Tensor
 
 
 class FusedDecoder:
@@ -420,14 +420,12 @@ class FusedDecoder:
         return vo + attn.out_proj.bias / h
 
     # -- forward ----------------------------------------------------------
-    def _tok2img_queries(self, attn, q: torch.Tensor) -> torch.Tensor:
-        """Token->image queries with the key projection moved to the token side: (B, H*T, C), scaled."""
-        h = self.heads
-        b, t, c = q.shape
-        qp = self._heads(attn.q_proj(q), h)  # (B, H, T, d)
-        d = qp.shape[-1]
-        wk = attn.k_proj.weight.view(h, d, c)
-        return torch.einsum("bhtd,hdc->bhtc", qp * (d ** -0.5), wk).reshape(b, h * t, c)
+    @staticmethod
+    def _token_side(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+        """(B, H, T, d) per-head token vectors -> (B, H*T, C): each multiplied into its head's rows
+        of ``lin``'s weight, i.e. an image-side projection moved to the token side."""
+        b, h, t, d = x.shape
+        return torch.einsum("bhtd,hdc->bhtc", x, lin.weight.view(h, d, -1)).reshape(b, h * t, -1)
 
     def _tok2img_out(self, attn, z: torch.Tensor, t: int) -> torch.Tensor:
         """(B, H*T, C) attention-weighted image tokens -> (B, T, C) token->image attention output."""
@@ -439,19 +437,21 @@ class FusedDecoder:
         return attn.out_proj(o.transpose(1, 2).reshape(b, t, h * d))
 
     @staticmethod
-    def _online_softmax_step(acc, logits: torch.Tensor, values: torch.Tensor):
+    def _online_weights(m_prev: Optional[torch.Tensor], logits: torch.Tensor):
+        """Running-max step of an online softmax over the last axis: (new max, exp(logits - max),
+        factor for what was accumulated so far, or None on the first chunk)."""
+        m = logits.amax(-1, keepdim=True)
+        if m_prev is not None:
+            m = torch.maximum(m_prev, m)
+        alpha = None if m_prev is None else torch.exp(m_prev - m)
+        return m, torch.exp(logits - m), alpha
+
+    def _online_softmax_step(self, acc, logits: torch.Tensor, values: torch.Tensor):
         """One chunk of a softmax(logits) @ values over the last axis, accumulated (flash-attention style)."""
-        mc = logits.amax(-1, keepdim=True)
-        if acc is None:
-            p = torch.exp(logits - mc)
-            return [mc, p.sum(-1, keepdim=True), torch.bmm(p, values)]
-        m, s, z = acc
-        mn = torch.maximum(m, mc)
-        alpha = torch.exp(m - mn)
-        p = torch.exp(logits - mn)
-        s = s * alpha + p.sum(-1, keepdim=True)
-        z = torch.baddbmm(z * alpha, p, values)
-        return [mn, s, z]
+        m, p, alpha = self._online_weights(None if acc is None else acc[0], logits)
+        if alpha is None:
+            return [m, p.sum(-1, keepdim=True), torch.bmm(p, values)]
+        return [m, acc[1] * alpha + p.sum(-1, keepdim=True), torch.baddbmm(acc[2] * alpha, p, values)]
 
     @staticmethod
     def _softmax_dim2(x: torch.Tensor) -> torch.Tensor:
@@ -472,19 +472,12 @@ class FusedDecoder:
         m, u, cst = f
         return torch.baddbmm(wx, m, ac).sub_(u * mu).mul_(rstd).add_(cst)
 
-    @staticmethod
-    def _lowrank_values_step(acc, logits, rstd, mu, ac, xv, h: int, t: int):
+    def _lowrank_values_step(self, acc, logits, rstd, mu, ac, xv, h: int, t: int):
         """One chunk of softmax(logits) @ W_v LN(x + A^T vo), kept as its factors and accumulated
         online: sum of p (B, R, 1), p rstd @ (x W_v g) per head (B, H, T, d), p rstd @ A^T (B, R, 56),
         p rstd . mu (B, R, 1)."""
         b, r, n = logits.shape
-        mc = logits.amax(-1, keepdim=True)
-        if acc is None:
-            m = mc
-            p = torch.exp(logits - m)
-        else:
-            m = torch.maximum(acc[0], mc)
-            p = torch.exp(logits - m)
+        m, p, alpha = self._online_weights(None if acc is None else acc[0], logits)
         pr = p * rstd
         parts = [
             p.sum(-1, keepdim=True),
@@ -492,9 +485,8 @@ class FusedDecoder:
             torch.bmm(pr, ac.transpose(1, 2)),
             torch.bmm(pr, mu.transpose(1, 2)),
         ]
-        if acc is None:
+        if alpha is None:
             return [m, *parts]
-        alpha = torch.exp(acc[0] - m)
         return [
             m,
             acc[1] * alpha + parts[0],
@@ -544,7 +536,7 @@ class FusedDecoder:
         q = queries + qpe
         t2i1 = l1.cross_attn_token_to_image
         qp1 = self._heads(t2i1.q_proj(q), h) * s  # (B, H, T, d)
-        qk1 = torch.einsum("bhtd,hdc->bhtc", qp1, t2i1.k_proj.weight.view(h, d, -1)).reshape(b, h * t, -1)
+        qk1 = self._token_side(qp1, t2i1.k_proj)
         pel1 = torch.matmul(qp1, self.pe_k1.unsqueeze(0)).reshape(b, h * t, n)  # (B, H*T, N)
         c = qk1.shape[-1]
         # keys1 = LN(x0 + A0^T vo0) = g0 * (x0 + A0^T vo0 - mu) * rstd + b0 per image token, so a
@@ -579,7 +571,7 @@ class FusedDecoder:
         # mask token 0 only: nothing else is read with multimask_output=False)
         i2t1 = l1.cross_attn_image_to_token
         kp = self._heads(i2t1.k_proj(q), h) * s
-        kq = torch.einsum("bhtd,hdc->bhtc", kp, i2t1.q_proj.weight.view(h, d, c)).reshape(b, h * t, c)
+        kq = self._token_side(kp, i2t1.q_proj)
         cb = torch.einsum("bhtd,hd->bht", kp, i2t1.q_proj.bias.view(h, d)).reshape(b, h * t, 1)
         pel2 = torch.matmul(kp, self.pe_q1.unsqueeze(0)).reshape(b, h * t, n) + cb
         lr2 = self._lowrank(kq, g0, b0, vo0)
@@ -587,7 +579,7 @@ class FusedDecoder:
         fin = self.dec.transformer.final_attn_token_to_image
         qf = (queries + qpe)[:, :2]
         qpf = self._heads(fin.q_proj(qf), h) * s  # (B, H, 2, d)
-        qk2 = torch.einsum("bhtd,hdc->bhtc", qpf, fin.k_proj.weight.view(h, d, c)).reshape(b, h * 2, c)
+        qk2 = self._token_side(qpf, fin.k_proj)
         pel3 = torch.matmul(qpf, self.pe_kf.unsqueeze(0)).reshape(b, h * 2, n)
         n4 = l1.norm4
         keys2 = []
@@ -650,7 +642,7 @@ class FusedDecoder:
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0 only (multimask off)
         m = self._upscale(src, hyper)
         if window is not None:
-            s = 4
+            s = m.shape[-1] // (tx1 - tx0)  # logit pixels per token
             full = m.new_full((b, 1, gh * s, gw * s), -1e4)
             full[..., window[0] * s : window[1] * s, window[2] * s : window[3] * s] = m
             m = full
