@@ -97,7 +97,7 @@ class EncoderService:
 
     def plane_u8(self, index: Index) -> np.ndarray:
         """The (H, W, 3) uint8 plane the model sees (prepares the source if needed)."""
-        u8 = self._prepared()
+        u8 = self.prepared()
         plane = u8[tuple(index)]
         return plane if plane.ndim == 3 else np.repeat(plane[:, :, None], 3, axis=-1)
 
@@ -113,10 +113,7 @@ class EncoderService:
 
     # -- worker -----------------------------------------------------------------
     def prepared(self) -> np.ndarray:
-        """The whole source as the model sees it: uint8, (..., H, W) or (..., H, W, 3)."""
-        return self._prepared()
-
-    def _prepared(self) -> np.ndarray:
+        """The whole source as the model sees it: uint8, (..., H, W) or (..., H, W, 3) (computed once per source)."""
         with self._cv:
             source, u8, version = self._source, self._u8, self._version
         if u8 is not None:
