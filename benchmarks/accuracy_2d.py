@@ -1,6 +1,6 @@
 """2D accuracy: our LiteMedSAM vs the authors' masks and vs ground truth; writes docs/accuracy.md.
 
-    python benchmarks/accuracy_2d.py [DATA_DIR]   (default ../shared/data)
+python benchmarks/accuracy_2d.py [DATA_DIR]   (default ../shared/data)
 """
 
 from __future__ import annotations
@@ -38,13 +38,18 @@ def main():
         "",
         "## 2D: LiteMedSAM on the box-prompted dev cases",
         "",
-        f"`python benchmarks/accuracy_2d.py` on the {sum(len(p['ours']) for p in per.values())} 2D cases of the "
-        "project's test data (one box per case, as given). *Authors* = the masks of the authors' own "
-        "LiteMedSAM script for the same boxes. Agreement = Dice between our mask and theirs, on boxes "
-        ">= 4 px on their short side at the 256 input (smaller ones flip under float rounding in their "
-        "code too; shown apart).",
+        (
+            f"`python benchmarks/accuracy_2d.py` on the {sum(len(p['ours']) for p in per.values())} 2D cases of the "
+            "project's test data (one box per case, as given). *Authors* = the masks of the authors' own "
+            "LiteMedSAM script for the same boxes. Agreement = Dice between our mask and theirs, on boxes "
+            ">= 4 px on their short side at the 256 input (smaller ones flip under float rounding in their "
+            "code too; shown apart)."
+        ),
         "",
-        "| modality | n | Dice vs GT (ours) | Dice vs GT (authors) | NSD@2px (ours) | agreement with authors | agreement, tiny boxes (n) |",
+        (
+            "| modality | n | Dice vs GT (ours) | Dice vs GT (authors) | NSD@2px (ours) "
+            "| agreement with authors | agreement, tiny boxes (n) |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     allp = defaultdict(list)
@@ -64,10 +69,14 @@ def main():
     )
     lines += [
         "",
-        "The resizer decides the match: OpenCV `INTER_AREA`, as in the authors' script, reproduces their "
-        "masks; PIL/torch/scikit-image area resizers give 0.90-0.93 agreement (see the recipes).",
-        "Half-precision cached embeddings (`EmbeddingCache(fp16=True)`, 2.1 MB each) are tested to keep "
-        "masks at Dice > 0.99 with the fp32 ones (tests/test_engine.py).",
+        (
+            "The resizer decides the match: OpenCV `INTER_AREA`, as in the authors' script, reproduces their "
+            "masks; PIL/torch/scikit-image area resizers give 0.90-0.93 agreement (see the recipes)."
+        ),
+        (
+            "Half-precision cached embeddings (`EmbeddingCache(fp16=True)`, 2.1 MB each) are tested to keep "
+            "masks at Dice > 0.99 with the fp32 ones (tests/test_engine.py)."
+        ),
         "",
         "3D results: [accuracy_3d.md](accuracy_3d.md).",
     ]

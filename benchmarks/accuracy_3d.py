@@ -83,7 +83,11 @@ def main(argv=None):
 
     if not (args.data / "cases.csv").is_file():
         sys.exit(f"no cases.csv in {args.data} (set --data or MEDSAM_SHARED_DATA)")
-    cache = EmbeddingCache(max_bytes=2 << 30, disk_dir=args.cache_dir) if args.cache_dir else EmbeddingCache(max_bytes=2 << 30)
+    cache = (
+        EmbeddingCache(max_bytes=2 << 30, disk_dir=args.cache_dir)
+        if args.cache_dir
+        else EmbeddingCache(max_bytes=2 << 30)
+    )
     model = MedSAM.load("litemedsam", device="cpu", cache=cache)
     cases = load_cases(args.data, dims=3)
     volumes = {}
@@ -98,21 +102,40 @@ def main(argv=None):
         u8, _, _ = volume_to_uint8(vol, mod, win)
         t0 = time.perf_counter()
         tr = propagate(model, None, c.box, c.key_slice, stop=StopRule.never(), volume_u8=u8)
-        recs = [dict(z=s.z, direction=s.direction, prompt=s.prompt, area=s.area, iou=s.iou, mean=s.mean) for s in tr.slices]
+        recs = [
+            {"z": s.z, "direction": s.direction, "prompt": s.prompt, "area": s.area, "iou": s.iou, "mean": s.mean}
+            for s in tr.slices
+        ]
         traces[c.case] = (tr.mask, recs, gt)
         ref = np.load(args.data / "reference" / f"3D_{c.name}.npz")["segs"] > 0
-        row = dict(case=c.case, modality=c.modality, pseudo=c.case.startswith(PSEUDO_GT), z_range=c.z_range, key=c.key_slice,
-                   ref=dice(ref, gt), encoded=tr.n_encoded, trace_s=time.perf_counter() - t0)
+        row = {
+            "case": c.case,
+            "modality": c.modality,
+            "pseudo": c.case.startswith(PSEUDO_GT),
+            "z_range": c.z_range,
+            "key": c.key_slice,
+            "ref": dice(ref, gt),
+            "encoded": tr.n_encoded,
+            "trace_s": time.perf_counter() - t0,
+        }
         # ours, for real, default rule: no z_range (viewer user) and with the case's z_range
         st = propagate(model, vol, c.box, c.key_slice, modality=mod, window=win)
         sz = propagate(model, vol, c.box, c.key_slice, modality=mod, window=win, z_range=c.z_range)
-        row.update(ours=dice(st.mask, gt), ours_z=dice(sz.mask, gt), extent=st.z_extent, stopped=st.stopped,
-                   reencoded=st.n_encoded + sz.n_encoded)
+        row.update(
+            ours=dice(st.mask, gt),
+            ours_z=dice(sz.mask, gt),
+            extent=st.z_extent,
+            stopped=st.stopped,
+            reencoded=st.n_encoded + sz.n_encoded,
+        )
         sim = simulate(tr.mask, recs, c.key_slice, DEFAULT_STOP)
         row["sim_matches"] = bool((sim == st.mask).all())
         rows.append(row)
-        print(f"{c.case:70s} ref {row['ref']:.3f} ours {row['ours']:.3f} ours+z {row['ours_z']:.3f} "
-              f"extent {row['extent']} gt {c.z_range} stop {st.stopped} enc {tr.n_encoded}+{row['reencoded']}", flush=True)
+        print(
+            f"{c.case:70s} ref {row['ref']:.3f} ours {row['ours']:.3f} ours+z {row['ours_z']:.3f} "
+            f"extent {row['extent']} gt {c.z_range} stop {st.stopped} enc {tr.n_encoded}+{row['reencoded']}",
+            flush=True,
+        )
     print(f"total {time.perf_counter() - t_all:.0f} s")
     if not all(r["sim_matches"] for r in rows):
         print("WARNING: simulation differs from the real run for", [r["case"] for r in rows if not r["sim_matches"]])
@@ -131,8 +154,8 @@ def main(argv=None):
     for r in rows:
         by_ds[r["case"].split("/")[0] + ("-" + r["modality"] if "totalseg" in r["case"] else "")].append(r)
     for ds, rs in sorted(by_ds.items()):
-        mean = lambda k: float(np.mean([r[k] for r in rs]))  # noqa: E731
-        print(f"| {ds} | {len(rs)} | {mean('ref'):.3f} | {mean('ours'):.3f} | {mean('ours_z'):.3f} |")
+        ref, ours, ours_z = (float(np.mean([r[k] for r in rs])) for k in ("ref", "ours", "ours_z"))
+        print(f"| {ds} | {len(rs)} | {ref:.3f} | {ours:.3f} | {ours_z:.3f} |")
 
     if args.tune:
         keys = {c.case: (c.key_slice, c.z_range) for c in cases}
@@ -142,20 +165,31 @@ def main(argv=None):
         ):
             if shift is None and floor != 30:
                 continue
-            rule = StopRule(min_area_ratio=ar, min_iou=iou, max_intensity_shift=shift, intensity_shift_floor=floor, keep_last=keep)
+            rule = StopRule(
+                min_area_ratio=ar, min_iou=iou, max_intensity_shift=shift, intensity_shift_floor=floor, keep_last=keep
+            )
             d = {c: dice(simulate(m, r, keys[c][0], rule), g) for c, (m, r, g) in traces.items()}
             dz = {c: dice(simulate(m, r, keys[c][0], rule, keys[c][1]), g) for c, (m, r, g) in traces.items()}
             mods = defaultdict(list)
             for row in rows:
                 mods[row["modality"]].append(d[row["case"]])
-            grid.append((float(np.mean(list(d.values()))), float(np.mean([np.mean(v) for v in mods.values()])),
-                         float(np.mean(list(dz.values()))), rule, {k: round(float(np.mean(v)), 3) for k, v in mods.items()}))
+            grid.append(
+                (
+                    float(np.mean(list(d.values()))),
+                    float(np.mean([np.mean(v) for v in mods.values()])),
+                    float(np.mean(list(dz.values()))),
+                    rule,
+                    {k: round(float(np.mean(v)), 3) for k, v in mods.items()},
+                )
+            )
         grid.sort(key=lambda g: -g[0])
         print("\nmean(all) mean(per-modality) mean(all, z_range) rule per-modality")
         for g in grid[:25]:
             r = g[3]
-            print(f"{g[0]:.3f} {g[1]:.3f} {g[2]:.3f}  area {r.min_area_ratio} iou {r.min_iou} shift {r.max_intensity_shift} "
-                  f"floor {r.intensity_shift_floor} keep {r.keep_last} {g[4]}")
+            print(
+                f"{g[0]:.3f} {g[1]:.3f} {g[2]:.3f}  area {r.min_area_ratio} iou {r.min_iou} "
+                f"shift {r.max_intensity_shift} floor {r.intensity_shift_floor} keep {r.keep_last} {g[4]}"
+            )
         never = StopRule.never()
         dn = [dice(simulate(m, r, keys[c][0], never), g) for c, (m, r, g) in traces.items()]
         print(f"never stop, whole volume: {np.mean(dn):.3f}")

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SHARED = Path(os.environ.get("MEDSAM_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 SAMPLES = Path(str(files("napari_medsam") / "samples"))
@@ -19,7 +23,7 @@ def require_shared() -> Path:
     return SHARED
 
 
-def read_gray(path) -> "np.ndarray":
+def read_gray(path) -> np.ndarray:
     """A sample image as one 2D plane (its first channel if it was stored as RGB)."""
     from napari_medsam.engine.io import read_image
 
