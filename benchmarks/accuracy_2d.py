@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from napari_medsam import MedSAM
-from napari_medsam.engine.evaluation import dice, load_cases, nsd
+from napari_medsam.engine.cases import load_cases
 from napari_medsam.engine.io import read_image
+from napari_medsam.engine.metrics import dice, nsd
 
 ROOT = Path(__file__).resolve().parents[1]
 

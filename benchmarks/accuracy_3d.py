@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from napari_medsam.engine.cache import EmbeddingCache
-from napari_medsam.engine.evaluation import dice, load_cases
+from napari_medsam.engine.cases import load_cases
 from napari_medsam.engine.io import read_image
+from napari_medsam.engine.metrics import dice
 from napari_medsam.engine.predictor import MedSAM
 from napari_medsam.engine.volume import DEFAULT_STOP, StopRule, propagate, volume_to_uint8
 

@@ -185,7 +185,7 @@ def test_summary_csv(sample_run):
 
 def _pick_cases(data: Path):
     """Five 2D cases on two images (CT, X-ray: two encodes), each box >= 4 px at 256."""
-    from napari_medsam.engine.evaluation import load_cases
+    from napari_medsam.engine.cases import load_cases
 
     wanted_images = ("amos_0004_75.png", "1.png")
     cases = [c for c in load_cases(data, dims=2) if c.image.name in wanted_images]
@@ -211,7 +211,7 @@ def shared_prompts(tmp_path_factory):
 
 
 def test_shared_data_matches_authors_reference(model, shared_prompts, tmp_path):
-    from napari_medsam.engine.evaluation import dice
+    from napari_medsam.engine.metrics import dice
 
     data, prompts, cases = shared_prompts
     res = run_batch(prompts, tmp_path / "out", model=model, progress=False, log=None)

@@ -64,7 +64,11 @@ def use_shared_model(shared_model, shared_fast_model, monkeypatch):
             return shared_fast_model if fast else shared_model
         return real(model, device, checkpoint, cache, fast)
 
-    monkeypatch.setattr(batch, "load_model", load)
+    from napari_medsam.engine import demo
+    from napari_medsam.engine.batch import run as batch_run
+
+    for module in (batch, batch_run, demo):  # every place that looks the loader up by name
+        monkeypatch.setattr(module, "load_model", load)
     return shared_model
 
 
@@ -82,10 +86,10 @@ def test_segment_writes_mask(use_shared_model, tmp_path, capsys):
     assert "wrote" in stdout and "encode" in stdout
     mask = tifffile.imread(out)
     assert mask.shape == (598, 449) and mask.dtype == np.uint8
-    from napari_medsam.engine.evaluation import load_cases
+    from napari_medsam.engine.cases import load_cases
 
     case = next(c for c in load_cases(SAMPLES, dims=2) if c.image.name == BUSI.name)
-    from napari_medsam.engine.evaluation import dice
+    from napari_medsam.engine.metrics import dice
 
     assert dice(mask > 0, case.ground_truth()) > 0.85
     assert not [f for f in tmp_path.iterdir() if f.name != "m.tif"]  # no temp files left
@@ -181,7 +185,7 @@ def test_batch_cli_exit_codes(use_shared_model, tmp_path, capsys):
 
 def test_segment_and_batch_fast_agree_with_default(use_shared_model, shared_fast_model, tmp_path, capsys):
     """--fast (fused decoder + ONNX Runtime or fused encoder) gives the default's mask on a real image."""
-    from napari_medsam.engine.evaluation import dice
+    from napari_medsam.engine.metrics import dice
 
     exact, fast = tmp_path / "exact.tif", tmp_path / "fast.tif"
     assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(exact), "--device", "cpu"]) == 0

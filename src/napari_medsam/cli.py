@@ -86,24 +86,22 @@ def _fmt_s(v: Optional[float]) -> str:
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
-    from .engine.batch import BatchError, ImageSession, load_model, parse_box_text
+    from .engine.batch import BatchError, ImageSegmenter, load_model, parse_box_text, parse_z_range
     from .engine.io import read_image, write_labels
 
     box = parse_box_text(a.box)
     z_range = None
     if a.z_range:
         try:
-            z = [int(v) for v in a.z_range.split(",")]
-            assert len(z) == 2
-        except (ValueError, AssertionError):
-            raise BatchError(f"--z-range must be FIRST,LAST, got {a.z_range!r}") from None
-        z_range = (min(z), max(z))
+            z_range = parse_z_range(a.z_range, "--z-range")
+        except ValueError as exc:
+            raise BatchError(str(exc)) from None
     image = read_image(a.image)
     modality, window = a.modality, a.window
     if a.channels:
         image, modality, window = _composed(image, a.channels, modality, window)
     model = load_model(a.model, a.device, a.checkpoint, fast=a.fast)
-    seg = ImageSession(model, image).segment(box, modality, window, a.slice, a.propagate, z_range)
+    seg = ImageSegmenter(model, image).segment(box, modality, window, a.slice, a.propagate, z_range)
     out = write_labels(a.output, seg.mask.astype("uint8"), like=image)
     iou = "" if seg.iou is None else f", predicted IoU {seg.iou:.3f}"
     print(f"wrote {out}: {int(seg.mask.sum())} object pixels of {seg.mask.size}{iou}; "

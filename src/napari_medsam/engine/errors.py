@@ -19,3 +19,11 @@ class CheckpointError(MedSAMError):
 
 class ReadError(MedSAMError, OSError):
     """An image file is missing, unreadable or in a format we do not know."""
+
+
+class BatchError(MedSAMError, ValueError):
+    """The batch as a whole cannot run (bad prompts file, unknown model, no dask, unwritable output...)."""
+
+
+class SessionError(MedSAMError, ValueError):
+    """The session cannot be opened or used as asked (bad input, index, status...)."""

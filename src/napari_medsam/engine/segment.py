@@ -1,0 +1,233 @@
+"""One image read once, answering many box prompts: :class:`ImageSegmenter`; and loading a model by name.
+
+Used by the command line's ``segment``, by batch runs (one segmenter per image
+group) and by the demo. No Qt, no napari.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import Embedding, EmbeddingCache
+from .errors import BatchError, BoxError, ImageError
+from .intensity import WindowLike, parse_window, resolve_modality, to_uint8
+from .io import ImageData
+from .models.registry import ModelSpec, get_spec
+from .predictor import MedSAM
+
+Box = tuple[float, float, float, float]
+
+
+# ---------------------------------------------------------------------------
+# prompt text (until one home in engine.validate)
+# ---------------------------------------------------------------------------
+def parse_box_text(text: Any) -> Box:
+    """``"x0,y0,x1,y1"`` (or a 4-sequence) -> four finite floats; :class:`BoxError` otherwise."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        raise BoxError("box is empty: give 'x0,y0,x1,y1'")
+    try:
+        parts = text.replace(" ", "").strip("()[]").split(",") if isinstance(text, str) else text
+        vals = [float(v) for v in parts]
+    except (TypeError, ValueError):
+        raise BoxError(f"box {text!r} is not 'x0,y0,x1,y1' (four numbers)") from None
+    if len(vals) != 4:
+        raise BoxError(f"box {text!r} has {len(vals)} values; a box is 'x0,y0,x1,y1'")
+    if not all(math.isfinite(v) for v in vals):
+        raise BoxError(f"box {text!r} has NaN or infinite coordinates")
+    return (vals[0], vals[1], vals[2], vals[3])
+
+
+def parse_z_range(text: str, what: str = "z_range") -> tuple[int, int]:
+    """``"first,last"`` -> (low, high) slice indices; ValueError naming ``what`` otherwise (also under -O)."""
+    try:
+        z = [int(float(v)) for v in str(text).split(",")]
+    except ValueError:
+        z = []
+    if len(z) != 2:
+        raise ValueError(f"{what} must be 'first,last' (two integers), got {text!r}")
+    return (min(z), max(z))
+
+
+# ---------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------
+def check_device(device: str) -> str:
+    """``device`` normalised (``auto`` kept); :class:`BatchError` when it is unknown or absent here."""
+    dev = (device or "auto").strip().lower()
+    if dev == "auto":
+        return dev
+    try:
+        d = torch.device(dev)
+    except RuntimeError:
+        raise BatchError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise BatchError(f"device {device!r} asked for but CUDA is not available here: use --device cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise BatchError(
+            f"device {device!r} is not available: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BatchError(f"device {device!r} asked for but MPS is not available here: use --device cpu")
+    return dev
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry of ``name``; :class:`BatchError` naming the known ones otherwise."""
+    try:
+        return get_spec(name)
+    except KeyError as exc:
+        raise BatchError(str(exc.args[0])) from None
+
+
+def load_model(
+    model: str | MedSAM = "litemedsam",
+    device: str = "auto",
+    checkpoint: str | None = None,
+    cache: EmbeddingCache | None = None,
+    fast: bool = False,
+) -> MedSAM:
+    """A :class:`MedSAM` from a registry name (an existing instance is returned as is).
+
+    ``fast``: the opt-in speed-ups of ``MedSAM.load(fast=True)`` (engine/fast).
+    """
+    if isinstance(model, MedSAM):
+        return model
+    spec = model_spec(model)
+    return MedSAM.load(spec.name, check_device(device), checkpoint, cache=cache, fast=True if fast else None)
+
+
+# ---------------------------------------------------------------------------
+# one image, many boxes
+# ---------------------------------------------------------------------------
+@dataclass
+class Segmentation:
+    """A mask for one prompt and what it cost.
+
+    Attributes:
+        mask: bool, the image's spatial shape ((H, W) or (Z, H, W)).
+        iou: decoder's predicted IoU (3D propagation: on the key slice).
+        encode_s / decode_s: seconds in the encoder (0 when the embedding was reused) and
+            decoder; None for 3D propagation (many slices: see ``stats`` and the row's total).
+    """
+
+    mask: np.ndarray
+    iou: float | None
+    encode_s: float | None
+    decode_s: float | None
+    box: np.ndarray | None = None
+    stats: dict[str, Any] | None = None  # 3D propagation: encoder counters, per-slice trace (see engine.volume)
+
+
+class ImageSegmenter:
+    """One image read once, with its embeddings, answering many prompts."""
+
+    def __init__(self, model: MedSAM, image: ImageData):
+        self.model = model
+        self.image = image
+        self._emb: dict[tuple, Embedding] = {}
+        self._u8: dict[tuple, np.ndarray] = {}
+
+    @property
+    def is_volume(self) -> bool:
+        return self.image.kind == "volume"
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        a = self.image.array
+        return tuple(a.shape[:2]) if self.image.kind == "rgb" else tuple(a.shape)
+
+    def _embedding(self, key: tuple, make: Callable[[], Embedding]) -> tuple[Embedding, float]:
+        if key in self._emb:
+            return self._emb[key], 0.0
+        t0 = time.perf_counter()
+        emb = make()
+        self._emb[key] = emb
+        return emb, time.perf_counter() - t0
+
+    def _volume_u8(self, modality: str, window: WindowLike) -> np.ndarray:
+        key = (modality, parse_window(window))
+        if key not in self._u8:
+            vol = self.image.array
+            if np.issubdtype(vol.dtype, np.floating) and not np.isfinite(vol).all():
+                raise ImageError("volume has NaN or infinite voxels: fill or mask them first")
+            self._u8[key] = to_uint8(vol, resolve_modality(vol, modality, window))
+        return self._u8[key]
+
+    def segment(
+        self,
+        box: str | Sequence[float],
+        modality: str = "auto",
+        window: WindowLike = None,
+        slice: int | None = None,
+        propagate: bool = False,
+        z_range: tuple[int, int] | None = None,
+    ) -> Segmentation:
+        b = parse_box_text(box) if isinstance(box, str) else tuple(float(v) for v in box)
+        if not all(math.isfinite(v) for v in b) or len(b) != 4:
+            raise BoxError(f"box {list(b)} must be four finite numbers x0,y0,x1,y1")
+        win = parse_window(window)
+        if not self.is_volume:
+            if slice is not None or propagate:
+                raise ImageError(
+                    f"slice/propagate given but {self.image.path} is a 2D image of shape {self.image.array.shape}"
+                )
+            emb, enc = self._embedding(("2d", modality, win), lambda: self.model.embed(self.image.array, modality, win))
+            t0 = time.perf_counter()
+            pred = self.model.predict(emb, b)
+            return Segmentation(pred.masks[0], float(pred.iou[0]), enc, time.perf_counter() - t0, pred.boxes[0])
+        depth = self.image.array.shape[0]
+        if slice is None:
+            raise ImageError(
+                f"{self.image.path} is a volume of shape {self.image.array.shape}: "
+                f"give the slice (0..{depth - 1}) the box is on"
+            )
+        if not 0 <= slice < depth:
+            raise ImageError(f"slice {slice} is outside the volume (0..{depth - 1})")
+        if propagate:
+            return self._propagate(b, modality, win, slice, z_range)
+        # one slice of a volume: intensity rule over the whole volume, as the authors do
+        u8 = self._volume_u8(modality, win)[slice]
+        if u8.min() == u8.max():
+            raise ImageError(f"slice {slice} is constant after the intensity rule: nothing to segment")
+        rgb = np.ascontiguousarray(np.repeat(u8[:, :, None], 3, axis=-1))
+        emb, enc = self._embedding(("slice", modality, win, slice), lambda: self.model.embed_rgb(rgb))
+        t0 = time.perf_counter()
+        pred = self.model.predict(emb, b)
+        mask = np.zeros(self.spatial_shape, bool)
+        mask[slice] = pred.masks[0]
+        return Segmentation(mask, float(pred.iou[0]), enc, time.perf_counter() - t0, pred.boxes[0])
+
+    def _propagate(
+        self, box: Sequence[float], modality: str, win: WindowLike, slice: int, z_range: tuple[int, int] | None
+    ) -> Segmentation:
+        stats: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"modality": modality, "window": win, "stats": stats}
+        if z_range is not None:
+            kwargs["z_range"] = z_range
+        mask = np.asarray(self.model.segment_volume(self.image.array, box, slice, **kwargs)).astype(bool)
+        if mask.shape != self.spatial_shape:
+            raise ImageError(f"3D propagation returned shape {mask.shape}, expected {self.spatial_shape}")
+        key = [s for s in stats.get("slices", []) if s.get("direction") == "key"]
+        iou = float(key[0]["iou"]) if key and key[0].get("iou") is not None else None
+        return Segmentation(mask, iou, None, None, np.asarray(box, float), stats)
+
+
+ImageSession = ImageSegmenter  # the old name (engine.batch.ImageSession)
+
+__all__ = [
+    "ImageSegmenter",
+    "ImageSession",
+    "Segmentation",
+    "check_device",
+    "load_model",
+    "model_spec",
+    "parse_box_text",
+    "parse_z_range",
+]

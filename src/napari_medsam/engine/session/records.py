@@ -1,0 +1,237 @@
+"""Annotation records: box prompts <-> JSON, per-object summaries, and what a record says about its model.
+
+No Qt, no napari.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import threading
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from napari_medsam.engine.cache import content_hash
+from napari_medsam.engine.errors import ImageError
+from napari_medsam.engine.intensity import parse_window
+from napari_medsam.engine.models import checkpoints
+from napari_medsam.engine.session.inputs import SessionItem, Status
+from napari_medsam.engine.session.store import ImageInfo
+
+PathLike = Union[str, "os.PathLike[str]"]
+SESSION_FORMAT, RECORD_FORMAT = "napari-medsam-session", "napari-medsam-record"
+FORMAT_VERSION = 1
+
+
+def now_iso() -> str:
+    """Local time with its UTC offset, e.g. ``2024-05-01T14:03:22.123+02:00``."""
+    return _dt.datetime.now().astimezone().isoformat(timespec="milliseconds")
+
+
+def package_version() -> str:
+    """The installed napari-medsam version (from the package metadata; never imports the package)."""
+    try:
+        return version("napari-medsam")
+    except PackageNotFoundError:  # pragma: no cover - engine used from a source tree
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------
+# checkpoint digest, computed once per file
+# ---------------------------------------------------------------------------
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+_SHA_LOCK = threading.Lock()
+
+
+def checkpoint_sha256(path: PathLike | None) -> str | None:
+    """sha256 of a checkpoint file, cached per (path, size, mtime); None without a file."""
+    if not path:
+        return None
+    p = Path(path).expanduser().resolve()
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    with _SHA_LOCK:
+        if key in _SHA_CACHE:
+            return _SHA_CACHE[key]
+    digest = checkpoints.digest_of(p, "sha256")
+    with _SHA_LOCK:
+        _SHA_CACHE[key] = digest
+    return digest
+
+
+# ---------------------------------------------------------------------------
+# boxes <-> records
+# ---------------------------------------------------------------------------
+def box_from_vertices(vertices) -> tuple[int | None, list[float]]:
+    """Rectangle vertices in data coords (..., row, col) -> (slice or None, [x0, y0, x1, y1])."""
+    v = np.asarray(vertices, dtype=float)
+    lead = [int(round(c)) for c in v[0, :-2]]
+    v = np.round(v, 3)
+    rows, cols = v[:, -2], v[:, -1]
+    box = [float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())]
+    return (lead[-1] if lead else None), box
+
+
+def boxes_from_layer(data: Sequence, shape_types: Sequence[str], label_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """A box layer's state (vertex arrays, shape types, label ids) -> JSON-ready box prompts.
+
+    Each prompt keeps the exact vertices, so :func:`layer_from_boxes` gives the
+    same layer state back bit for bit (float64 survives JSON exactly).
+    """
+    out = []
+    for order, (verts, kind, label) in enumerate(zip(data, shape_types, label_ids)):
+        z, box = box_from_vertices(verts)
+        out.append(
+            {
+                "order": order,
+                "label": int(label),
+                "type": str(kind),
+                "slice": z,
+                "box": box,
+                "vertices": np.asarray(verts, dtype=float).tolist(),
+            }
+        )
+    return out
+
+
+def layer_from_boxes(boxes: Sequence[dict[str, Any]]) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+    """Inverse of :func:`boxes_from_layer`: (vertex arrays, shape types, label ids) in layer order."""
+    boxes = sorted(boxes, key=lambda b: b.get("order", 0))
+    data = [np.asarray(b["vertices"], dtype=float) for b in boxes]
+    types = [b.get("type", "rectangle") for b in boxes]
+    labels = np.array([int(b.get("label", 0)) for b in boxes], dtype=np.int64)
+    return data, types, labels
+
+
+def _json_window(window) -> list[float] | None:
+    if window is None:
+        return None
+    if isinstance(window, str):
+        window = parse_window(window)
+    return [float(v) for v in window]
+
+
+def _model_info(model) -> dict[str, Any]:
+    """A MedSAM object or a dict with ``name`` / ``checkpoint`` -> the record's model entry."""
+    if model is None:
+        return {"name": None, "checkpoint": None, "checkpoint_sha256": None}
+    if isinstance(model, dict):
+        name, ckpt, sha = model.get("name"), model.get("checkpoint"), model.get("checkpoint_sha256")
+    else:
+        name, ckpt, sha = getattr(model, "name", None), getattr(model, "checkpoint", None), None
+    ckpt = str(ckpt) if ckpt else None
+    return {"name": name, "checkpoint": ckpt, "checkpoint_sha256": sha or checkpoint_sha256(ckpt)}
+
+
+def label_stats(labels: np.ndarray) -> dict[int, dict[str, Any]]:
+    """Per label id > 0: pixel/voxel count and bounding box (``[[start, stop), ...]`` per axis)."""
+    from scipy import ndimage
+
+    lab = np.asarray(labels)
+    if lab.size == 0 or int(lab.max()) <= 0:
+        return {}
+    ids = np.unique(lab)
+    ids = ids[ids > 0]
+    if int(ids[-1]) > 1_000_000:  # huge sparse ids: number them 1..n first
+        dense = np.searchsorted(ids, lab).astype(np.int64) + 1
+        dense[lab == 0] = 0
+        lab, keys = dense, np.arange(1, len(ids) + 1)
+    else:
+        lab, keys = (lab if lab.dtype.itemsize <= 4 else lab.astype(np.int64)), ids
+    counts = np.bincount(lab.ravel())
+    slices = ndimage.find_objects(lab)
+    return {
+        int(i): {"pixels": int(counts[k]), "bbox": [[int(s.start), int(s.stop)] for s in slices[int(k) - 1]]}
+        for i, k in zip(ids, keys)
+    }
+
+
+def build_objects(labels: np.ndarray, boxes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per object (label id in the labels or on a box): prompts, size, extent, propagation."""
+    stats = label_stats(labels)
+    ids = sorted(set(stats) | {b["label"] for b in boxes if b["label"] > 0})
+    volume = np.ndim(labels) == 3
+    objects = []
+    for i in ids:
+        prompts = [{k: b[k] for k in ("order", "type", "slice", "box")} for b in boxes if b["label"] == i]
+        st = stats.get(i)
+        obj: dict[str, Any] = {
+            "label": i,
+            "prompts": prompts,
+            "pixels": st["pixels"] if st else 0,
+            "bbox": st["bbox"] if st else None,
+        }
+        obj["propagation"] = None
+        if volume and st:
+            first, last = st["bbox"][0][0], st["bbox"][0][1] - 1
+            prompt_slices = {p["slice"] for p in prompts if p["slice"] is not None}
+            if first != last or (prompt_slices and prompt_slices != {first}):
+                obj["propagation"] = {"first_slice": first, "last_slice": last, "from_slices": sorted(prompt_slices)}
+        objects.append(obj)
+    return objects
+
+
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Smallest unsigned dtype holding the ids (uint8, uint16, uint32)."""
+    lab = np.asarray(labels)
+    if lab.dtype == bool:
+        return lab.astype(np.uint8)
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise ImageError(f"labels must be integers, got dtype {lab.dtype}")
+    lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
+    if lo < 0:
+        raise ImageError(f"labels must not be negative (min {lo})")
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if hi <= np.iinfo(dt).max:
+            return lab if lab.dtype == dt else lab.astype(dt)
+    return lab.astype(np.uint64)
+
+
+def build_record(
+    item: SessionItem,
+    info: ImageInfo,
+    labels: np.ndarray,
+    boxes: list[dict[str, Any]],
+    extra: dict[str, Any],
+    old: dict[str, Any] | None,
+    status: Status,
+) -> dict[str, Any]:
+    """The record saved next to ``labels``; ``extra`` is what the caller passed (model, intensity, own keys).
+
+    A record without model / intensity keeps what the previous version (``old``) said.
+    """
+    rec_in = dict(extra)
+    old_rec = old or {}
+    intensity = dict(rec_in.pop("intensity", None) or old_rec.get("intensity") or {"modality": "auto", "window": None})
+    intensity["window"] = _json_window(intensity.get("window"))
+    model = _model_info(rec_in.pop("model", None) or old_rec.get("model"))
+    for key in ("objects", "format", "format_version", "image", "labels", "status", "created", "modified"):
+        rec_in.pop(key, None)
+    return {
+        "format": RECORD_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "image": item.name,
+        "image_path": str(item.path),
+        "labels": item.labels_name,
+        "kind": info.kind,
+        "shape": list(info.shape),
+        "spacing": None if info.spacing is None else list(info.spacing),
+        "status": status,
+        "objects": build_objects(labels, boxes),
+        "boxes": boxes,
+        "model": model,
+        "intensity": intensity,
+        "labels_dtype": str(labels.dtype),
+        "labels_hash": content_hash(labels),
+        "napari_medsam_version": package_version(),
+        "created": old_rec.get("created") or now_iso(),
+        "modified": now_iso(),
+        **rec_in,
+    }
