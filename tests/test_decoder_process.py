@@ -41,7 +41,7 @@ def test_child_masks_equal_in_process(fused, child, samples):
 def test_child_errors_are_the_engines(fused, child, samples):
     emb = fused.embed(_image(load_cases(samples)[0]))
     with pytest.raises(ValueError, match="BoxError"):
-        child.predict(emb, (10, 10, 10, 10))  # zero area
+        child.predict(emb, (-30, 10, -1, 50))  # wholly outside the image
     assert child.ready, "a bad box does not stop the child"
 
 

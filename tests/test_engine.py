@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from _data import read_gray
 from napari_medsam import MedSAM
 from napari_medsam.engine import BoxError, CheckpointError, EmbeddingCache, ImageError
 from napari_medsam.engine.evaluation import dice, load_cases
 from napari_medsam.engine.io import read_image
 from napari_medsam.engine.models import checkpoints
 from napari_medsam.engine.models.registry import REGISTRY, get_spec
-
-from _data import read_gray  # noqa: E402
 
 STABLE_PX = 4  # boxes shorter than this at the 256 input flip under float rounding (authors' too)
 
@@ -153,7 +152,7 @@ def test_disk_cache_survives_and_detects_corruption(lite, samples, tmp_path):
 @pytest.fixture(scope="module")
 def medsam_random():
     torch.manual_seed(0)
-    return MedSAM.load("medsam", device="cpu", weights="random")
+    return MedSAM.load("medsam", device="cpu", weights="random", exact=True)
 
 
 def test_medsam_random_shapes_recipe_and_box_scaling(medsam_random, samples):
@@ -244,7 +243,7 @@ def test_litemedsam_corrupt_or_foreign_checkpoint(tmp_path):
         MedSAM.load("litemedsam", checkpoint=str(corrupt))
     from napari_medsam.engine.models.registry import load_weights
 
-    with pytest.raises(CheckpointError, match="cannot read"):
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint"):
         load_weights(spec.build(), corrupt, "litemedsam")
     foreign = tmp_path / "foreign.pth"
     torch.save({"image_encoder.weight": torch.zeros(3)}, foreign)
@@ -310,8 +309,11 @@ def test_boxes_clipped_normalised_and_rejected(lite, samples):
     np.testing.assert_array_equal(inverted, lite.segment(emb, box=(8, 133, 439, 403)))
     outside = lite.predict(emb, (-50, 133, w + 100, 403))
     assert outside.boxes[0].tolist() == [0, 133, w - 1, 403]
+    # bounds are inclusive: x0 == x1 is a box one pixel wide, and it is accepted (docs/api.md)
+    thin = lite.predict(emb, (10, 10, 10, 50))
+    assert thin.boxes[0].tolist() == [10, 10, 10, 50] and thin.masks.shape == (1,) + emb.original_size
     with pytest.raises(BoxError, match="no area"):
-        lite.segment(emb, box=(10, 10, 10, 50))
+        lite.segment(emb, box=(-30, 10, -1, 50))  # wholly left of the image
     with pytest.raises(BoxError, match="no area"):
         lite.segment(emb, box=(w + 10, 10, w + 50, 50))
     with pytest.raises(BoxError, match="NaN"):

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_medsam.engine import io
-from napari_medsam.engine.errors import ImageError, MedSAMError, ReadError
+from napari_medsam.engine import atomic
+from napari_medsam.engine.errors import ImageError, MedSAMError, ReadError, WriteError
 from napari_medsam.engine.io import (
     ImageData,
     atomic_write_bytes,
@@ -92,7 +92,7 @@ def test_nifti_2d_and_scaling(tmp_path):
 def test_nifti_4d_raises_image_error(tmp_path):
     p = tmp_path / "fmri.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2), np.int16), np.eye(4)), p)
-    with pytest.raises(ImageError, match="fmri.nii.gz"):
+    with pytest.raises(ImageError, match=r"fmri\.nii\.gz"):
         read_image(p)
 
 
@@ -107,7 +107,7 @@ def test_corrupt_nifti_raises_read_error(tmp_path):
     nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.int16), np.eye(4)), truncated)
     blob = truncated.read_bytes()
     truncated.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ReadError, match="truncated.nii.gz"):
+    with pytest.raises(ReadError, match=r"truncated\.nii\.gz"):
         read_image(truncated)
 
 
@@ -312,7 +312,7 @@ def test_missing_and_unknown(tmp_path):
 def test_corrupt_png_raises_read_error(tmp_path):
     p = tmp_path / "bad.png"
     p.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(ReadError, match="bad.png"):
+    with pytest.raises(ReadError, match=r"bad\.png"):
         read_image(p)
 
 
@@ -368,7 +368,7 @@ def test_write_labels_png(tmp_path):
     np.testing.assert_array_equal(back, small)
     big = np.array([[0, 300], [65535, 1]], np.int64)
     np.testing.assert_array_equal(read_image(write_labels(tmp_path / "b.png", big)).array, big)
-    with pytest.raises(ImageError, match="m2.png"):
+    with pytest.raises(ImageError, match=r"m2\.png"):
         write_labels(tmp_path / "m2.png", np.array([[0, 70000]], np.int64))
     assert not (tmp_path / "m2.png").exists()
 
@@ -380,7 +380,7 @@ def test_write_labels_rejects_bad_input(tmp_path):
     write_labels(tmp_path / "ok.tif", np.zeros((4, 5), np.uint8), like=like)
     with pytest.raises(ImageError, match="shape"):
         write_labels(tmp_path / "bad.tif", np.zeros((5, 4), np.uint8), like=like)
-    with pytest.raises(ReadError, match=r"\.jpg"):
+    with pytest.raises(WriteError, match=r"\.jpg"):  # a write problem, not a read one
         write_labels(tmp_path / "x.jpg", np.zeros((4, 4), np.uint8))
 
 
@@ -432,8 +432,121 @@ def test_atomic_write_bytes_and_text(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("replace failed")
 
-    monkeypatch.setattr(io.os, "replace", failing_replace)
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
     with pytest.raises(OSError, match="replace failed"):
         atomic_write_text(p, "new text")
     assert p.read_bytes() == b"\x00\x01"
     assert sorted(x.name for x in p.parent.iterdir()) == ["record.json"]
+
+
+# ------------------------------------------------ one DICOM rule, one suffix rule, spatial shape
+# Before: io sniffed the preamble of any file without a known suffix, the session only of suffix-less
+# files (so "IM.1.2.840" was never DICOM there), and the napari reader took every suffix-less file
+# (a README) for DICOM. Now all three ask io.is_dicom_file.
+
+
+def _dicom_bytes(tmp_path: Path) -> bytes:
+    p = tmp_path / "_one"
+    _write_slice(p, np.arange(42, dtype=np.uint16).reshape(6, 7), 0.0, 1, "1.2.3")
+    data = p.read_bytes()
+    p.unlink()
+    return data
+
+
+@pytest.mark.parametrize(
+    "name, content, expected",
+    [
+        ("IM0001", "dicom", True),  # suffix-less DICOM
+        ("IM.1.2.840.10008", "dicom", True),  # UID-style name: the session used to say no
+        ("slice.dcm", "dicom", True),
+        ("slice.DICOM", "dicom", True),
+        ("raw.dcm", "no-preamble", True),  # the suffix says DICOM (read with force=True)
+        ("odd.png", "dicom", True),  # the content says DICOM, whatever the suffix
+        ("README", "text", False),  # suffix-less but not DICOM: the napari reader used to say yes
+        ("LICENSE", "short", False),  # shorter than the preamble
+        ("image.png", "png", False),
+        ("empty", "empty", False),
+    ],
+)
+def test_is_dicom_file(tmp_path, name, content, expected):
+    from napari_medsam.engine.io import is_dicom_file
+
+    blobs = {
+        "dicom": _dicom_bytes(tmp_path),
+        "no-preamble": b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 100",
+        "text": b"This is a readme.\n" * 20,
+        "short": b"DICM",
+        "png": b"\x89PNG\r\n\x1a\n" + b"\x00" * 200,
+        "empty": b"",
+    }
+    p = tmp_path / name
+    p.write_bytes(blobs[content])
+    assert is_dicom_file(p) is expected
+    assert is_dicom_file(str(p)) is expected
+
+
+def test_is_dicom_file_on_folders_and_missing_paths(tmp_path):
+    from napari_medsam.engine.io import holds_dicom, is_dicom_file
+
+    assert not is_dicom_file(tmp_path)
+    assert not is_dicom_file(tmp_path / "nope")
+    assert not holds_dicom(tmp_path / "nope")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "README").write_text("not an image\n" * 20)
+    (docs / "Makefile").write_text("all:\n")
+    assert not holds_dicom(docs)
+    _series(tmp_path / "ct", n=2)
+    assert holds_dicom(tmp_path / "ct")
+
+
+def test_read_image_uses_the_same_rule(tmp_path):
+    (tmp_path / "README").write_text("not an image\n" * 20)
+    with pytest.raises(ReadError, match="unknown file type"):
+        read_image(tmp_path / "README")
+    p = tmp_path / "IM.1.2.840.10008"
+    p.write_bytes(_dicom_bytes(tmp_path))
+    assert read_image(p).array.shape == (6, 7)
+
+
+@pytest.mark.parametrize(
+    "name, stem",
+    [
+        ("a.png", "a"),
+        ("scan.nii.gz", "scan"),
+        ("scan.NII.GZ", "scan"),
+        ("b.ome.tif", "b"),  # the session used to keep "b.ome", batch gave "b"
+        ("c.ome.tiff", "c"),
+        ("d.tiff", "d"),
+        ("e.JPEG", "e"),
+        ("f.dcm", "f"),
+        ("IM.1.2.840", "IM.1.2.840"),  # not an image suffix: kept whole
+        ("notes.txt", "notes.txt"),
+        ("dir/sub/x.tif", "dir/sub/x"),
+        (".png", ".png"),
+        ("nosuffix", "nosuffix"),
+    ],
+)
+def test_strip_image_suffix(name, stem):
+    from napari_medsam.engine.io import strip_image_suffix
+
+    assert strip_image_suffix(name) == stem
+
+
+@pytest.mark.parametrize(
+    "shape, kind, spatial",
+    [((5, 6), "2d", (5, 6)), ((5, 6, 3), "rgb", (5, 6)), ((5, 6, 4), "rgb", (5, 6)), ((3, 5, 6), "volume", (3, 5, 6))],
+)
+def test_image_data_spatial_shape(shape, kind, spatial):
+    img = ImageData(np.zeros(shape, np.uint8), kind=kind)
+    assert img.spatial_shape == spatial
+    assert all(type(n) is int for n in img.spatial_shape)
+
+
+@pytest.mark.parametrize("name", ["x.jpg", "x.bmp", "x.npy", "noext", "x.dcm"])
+def test_unsupported_write_suffix_is_a_write_error(tmp_path, name):
+    with pytest.raises(WriteError, match="cannot write labels") as exc:
+        write_labels(tmp_path / name, np.zeros((4, 4), np.uint8))
+    assert not isinstance(exc.value, ReadError)
+    assert isinstance(exc.value, MedSAMError)
+    assert not list(tmp_path.iterdir())

@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 import torch
 
+from _data import SAMPLES, require_shared
 from napari_medsam.engine.cache import Embedding, EmbeddingCache, embedding_key
 from napari_medsam.engine.errors import BoxError, ImageError
 from napari_medsam.engine.evaluation import dice, load_cases, safe_name
 from napari_medsam.engine.predictor import Prediction
-from napari_medsam.engine.prompts import normalize_boxes
 from napari_medsam.engine.recipes import LiteMedSAMRecipe, MedSAMRecipe
+from napari_medsam.engine.validate import normalize_boxes
 from napari_medsam.engine.volume import (
     StopRule,
     chained_box,
@@ -35,7 +36,6 @@ from napari_medsam.engine.volume import (
     segment_volume,
 )
 
-from _data import SAMPLES, require_shared  # noqa: E402
 BRAIN_BOX, BRAIN_KEY, BRAIN_RANGE = (162, 84, 206, 115), 16, (11, 17)
 
 
@@ -66,7 +66,9 @@ class FakeModel:
             return hit, False
         z = int(rgb[0, 0, 0]) - 1
         self.encoded.append(z)
-        return self.cache.put(Embedding(torch.zeros(1, 1), rgb.shape[:2], rgb.shape[:2], self.name, key, {"z": z})), True
+        return self.cache.put(
+            Embedding(torch.zeros(1, 1), rgb.shape[:2], rgb.shape[:2], self.name, key, {"z": z})
+        ), True
 
     def predict(self, emb, boxes, region=None):
         z = emb.meta["z"]
@@ -101,8 +103,16 @@ def test_stops_where_object_ends_and_encodes_each_slice_once():
     seen = []
     stats = {}
     only_empty = StopRule(min_area_ratio=0.0, min_iou=0.0)  # the ball's tips are single pixels
-    mask = segment_volume(model, _volume(truth), _box_of(truth[15]), 15, modality="uint8", stop=only_empty,
-                          on_slice=lambda z, m: seen.append((z, m.copy())), stats=stats)
+    mask = segment_volume(
+        model,
+        _volume(truth),
+        _box_of(truth[15]),
+        15,
+        modality="uint8",
+        stop=only_empty,
+        on_slice=lambda z, m: seen.append((z, m.copy())),
+        stats=stats,
+    )
     assert mask.dtype == bool and mask.shape == truth.shape
     assert dice(mask, truth) == 1.0
     assert stats["z_extent"] == (10, 20)
@@ -111,7 +121,7 @@ def test_stops_where_object_ends_and_encodes_each_slice_once():
     assert sorted(stats["encoded"]) == list(range(9, 22))
     assert len(model.encoded) == len(set(model.encoded)) == 13
     # the viewer callback saw every kept slice once, the key slice first
-    assert [z for z, _ in seen][0] == 15
+    assert seen[0][0] == 15
     assert sorted(z for z, _ in seen) == list(range(10, 21))
     for z, m in seen:
         assert np.array_equal(m, mask[z])
@@ -137,7 +147,7 @@ def test_chained_prompt_is_previous_box_plus_margin_at_model_scale(recipe):
     np.testing.assert_allclose(chained_box(truth[0], (mx, my)), rec[3].box)
     # explicit margin: 0 gives the tight box
     res0 = propagate(model, _volume(truth), (30, 20, 69, 39), 2, modality="uint8", z_range=(2, 3), margin=0)
-    np.testing.assert_allclose([s for s in res0.slices if s.z == 3][0].box, (30, 20, 69, 39))
+    np.testing.assert_allclose(next(s for s in res0.slices if s.z == 3).box, (30, 20, 69, 39))
 
 
 def test_area_collapse_and_low_iou_stop_a_direction():
@@ -146,14 +156,27 @@ def test_area_collapse_and_low_iou_stop_a_direction():
     truth[15, 30:32, 30:32] = True  # a 4-pixel fragment: the object has ended
     truth[4, 30:32, 30:32] = True
     vol = _volume(truth)
-    res = propagate(FakeModel(truth), vol, (16, 16, 47, 47), 10, modality="uint8",
-                    stop=StopRule(min_area_ratio=0.2, min_iou=0.0))
+    res = propagate(
+        FakeModel(truth), vol, (16, 16, 47, 47), 10, modality="uint8", stop=StopRule(min_area_ratio=0.2, min_iou=0.0)
+    )
     assert res.stopped == {"up": "area", "down": "area"} and res.z_extent == (5, 14)
-    kept = propagate(FakeModel(truth), vol, (16, 16, 47, 47), 10, modality="uint8",
-                     stop=StopRule(min_area_ratio=0.2, min_iou=0.0, keep_last=True))
+    kept = propagate(
+        FakeModel(truth),
+        vol,
+        (16, 16, 47, 47),
+        10,
+        modality="uint8",
+        stop=StopRule(min_area_ratio=0.2, min_iou=0.0, keep_last=True),
+    )
     assert kept.z_extent == (4, 15)
-    low = propagate(FakeModel(truth, iou=lambda z: 0.3 if z >= 13 else 0.9), vol, (16, 16, 47, 47), 10,
-                    modality="uint8", stop=StopRule(min_area_ratio=0.0, min_iou=0.5))
+    low = propagate(
+        FakeModel(truth, iou=lambda z: 0.3 if z >= 13 else 0.9),
+        vol,
+        (16, 16, 47, 47),
+        10,
+        modality="uint8",
+        stop=StopRule(min_area_ratio=0.0, min_iou=0.5),
+    )
     assert low.stopped == {"up": "iou", "down": "empty"} and low.z_extent == (4, 12)  # no area rule: fragment kept
     # the authors' behaviour: no stop at all, whole volume visited
     never = propagate(FakeModel(truth), vol, (16, 16, 47, 47), 10, modality="uint8", stop=StopRule.never())
@@ -179,7 +202,9 @@ def test_intensity_shift_stops_when_the_mask_moves_onto_other_tissue():
 def test_z_range_bounds_both_directions():
     truth = _ball()
     model = FakeModel(truth)
-    res = propagate(model, _volume(truth), _box_of(truth[15]), 15, modality="uint8", z_range=(13, 17), stop=StopRule.never())
+    res = propagate(
+        model, _volume(truth), _box_of(truth[15]), 15, modality="uint8", z_range=(13, 17), stop=StopRule.never()
+    )
     assert res.z_extent == (13, 17) and res.stopped == {"up": "z_range", "down": "z_range"}
     assert sorted(res.encoded) == list(range(13, 18))
 
@@ -219,8 +244,9 @@ def test_cancel_returns_what_is_done():
             ev.set()
 
     stats = {}
-    mask = segment_volume(model, _volume(truth), _box_of(truth[15]), 15, modality="uint8",
-                          on_slice=on_slice, cancel=ev, stats=stats)
+    mask = segment_volume(
+        model, _volume(truth), _box_of(truth[15]), 15, modality="uint8", on_slice=on_slice, cancel=ev, stats=stats
+    )
     assert stats["cancelled"] is True and len(done) == 3
     assert sorted(np.flatnonzero(mask.any(axis=(1, 2)))) == sorted(done)
     assert len(model.encoded) == 3
@@ -250,12 +276,23 @@ def test_rgb_volume_is_supported():
         (np.random.rand(5, 32, 32), (1, 1, 9, 9), 5, {}, BoxError, "outside the volume"),
         (np.random.rand(5, 32, 32), (1, 1, 9, 9), -1, {}, BoxError, "outside the volume"),
         (np.random.rand(5, 32, 32), (1, 1, 9, 9), 1.5, {}, BoxError, "integer"),
-        (np.random.rand(5, 32, 32), (9, 9, 9, 20), 1, {}, BoxError, "no area"),
+        (np.random.rand(5, 32, 32), (40, 9, 50, 20), 1, {}, BoxError, "no area"),  # wholly right of the image
+        (np.random.rand(5, 32, 32), "9,9,x,20", 1, {}, BoxError, "four numbers"),
+        (np.random.rand(5, 32, 32), {"x0": 1}, 1, {}, BoxError, "one box"),
+        (np.random.rand(5, 32, 32), (1, 1, 9, 9), 1, {"z_range": "1,2,3"}, BoxError, "first,last"),
+        (np.random.rand(5, 32, 32), (1, 1, 9, 9), 1, {"z_range": (0, 2.5)}, BoxError, "integer"),
         (np.random.rand(5, 32, 32), (1, 1, 9), 1, {}, BoxError, "one box"),
         (np.random.rand(5, 32, 32), (1, 1, 9, 9), 1, {"z_range": (2, 4)}, BoxError, "must contain"),
         (np.random.rand(5, 32, 32), (1, 1, 9, 9), 1, {"z_range": (0, 9)}, BoxError, "outside the volume"),
         (np.random.rand(5, 32, 32), None, None, {}, BoxError, "no box"),
-        (np.random.rand(5, 32, 32), (1, 1, 9, 9), 1, {"modality": "ct", "window": (5000, 10)}, ImageError, "constant after"),
+        (
+            np.random.rand(5, 32, 32),
+            (1, 1, 9, 9),
+            1,
+            {"modality": "ct", "window": (5000, 10)},
+            ImageError,
+            "constant after",
+        ),
     ],
 )
 def test_bad_input_raises_clear_errors(volume, box, z, kwargs, err, match):
@@ -305,8 +342,9 @@ def test_real_model_follows_a_ball_and_stops_at_its_ends(model):
     truth = _ball()
     vol = _plain_ball()
     seen, stats = [], {}
-    mask = segment_volume(model, vol, _box_of(truth[15]), 15, modality="uint8",
-                          on_slice=lambda z, m: seen.append(z), stats=stats)
+    mask = segment_volume(
+        model, vol, _box_of(truth[15]), 15, modality="uint8", on_slice=lambda z, m: seen.append(z), stats=stats
+    )
     assert dice(mask, truth) > 0.97
     lo, hi = stats["z_extent"]
     assert 9 <= lo <= 11 and 19 <= hi <= 21, stats  # the tips are single pixels
@@ -340,7 +378,9 @@ def test_real_model_cancel_returns_what_is_done():
         if len(done) == 3:
             ev.set()
 
-    mask = segment_volume(fresh, vol, _box_of(truth[15]), 15, modality="uint8", on_slice=on_slice, cancel=ev, stats=stats)
+    mask = segment_volume(
+        fresh, vol, _box_of(truth[15]), 15, modality="uint8", on_slice=on_slice, cancel=ev, stats=stats
+    )
     assert stats["cancelled"] is True and len(done) == 3
     assert sorted(np.flatnonzero(mask.any(axis=(1, 2)))) == sorted(done)
     assert stats["n_encoded"] == 3

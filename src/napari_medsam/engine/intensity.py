@@ -13,12 +13,14 @@ volume-wide percentiles (as the authors do), a slice for a 2D image.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .errors import ImageError
+from .validate import check_image, check_planes, check_volume
 
 #: CT window presets (level, width) from the authors' 3D Slicer module.
 CT_PRESETS = {
@@ -34,7 +36,7 @@ MODALITIES = ("auto", "ct", "mr", "rgb")
 _PERCENTILE_KINDS = {"mr", "ultrasound", "us", "xray", "x-ray", "fluorescence", "microscopy", "gray", "grey"}
 _RGB_KINDS = {"rgb", "endoscopy", "dermoscopy", "fundus", "histology", "he"}
 
-WindowLike = Union[None, str, Sequence[float]]
+WindowLike = None | str | Sequence[float]
 
 
 @dataclass(frozen=True)
@@ -47,15 +49,15 @@ class Intensity:
     """
 
     rule: str
-    window: Optional[Tuple[float, float]] = None
+    window: tuple[float, float] | None = None
 
     def describe(self) -> str:
-        if self.rule == "ct":
+        if self.rule == "ct" and self.window is not None:
             return f"ct window level {self.window[0]:g} width {self.window[1]:g}"
         return self.rule
 
 
-def parse_window(window: WindowLike) -> Optional[Tuple[float, float]]:
+def parse_window(window: WindowLike) -> tuple[float, float] | None:
     """A preset name, ``"level,width"`` or a (level, width) pair -> floats."""
     if window is None:
         return None
@@ -77,7 +79,7 @@ def parse_window(window: WindowLike) -> Optional[Tuple[float, float]]:
     return vals
 
 
-def window_from_limits(low: float, high: float) -> Tuple[float, float]:
+def window_from_limits(low: float, high: float) -> tuple[float, float]:
     """Display contrast limits [low, high] -> (level, width)."""
     if not high > low:
         raise ImageError(f"contrast limits must rise, got [{low}, {high}]")
@@ -92,7 +94,9 @@ def _is_8bit_range(image: np.ndarray) -> bool:
     return False
 
 
-def resolve_modality(image: np.ndarray, modality: str = "auto", window: WindowLike = None, rgb: bool = False) -> Intensity:
+def resolve_modality(
+    image: np.ndarray, modality: str = "auto", window: WindowLike = None, rgb: bool = False
+) -> Intensity:
     """Choose the intensity rule for ``image``.
 
     ``auto``: an explicit ``window`` means CT; integer data already in 0..255 (PNG,
@@ -127,8 +131,34 @@ def resolve_modality(image: np.ndarray, modality: str = "auto", window: WindowLi
 
 
 def _minmax_255(x: np.ndarray) -> np.ndarray:
+    """Min-max ``x`` (float64) to [0, 255] for any finite range, however wide or narrow.
+
+    A range wider than float64 can hold (e.g. -1.7e308..1.7e308: ``hi - lo`` is
+    inf) is scaled into [-1, 1] first; a range narrower than 1e-8 (or made of
+    denormals) is divided by its own width, not by a floor that would flatten it.
+    A constant ``x`` gives zeros. Ordinary ranges take the exact arithmetic they
+    always did, so masks do not change.
+    """
     lo, hi = float(x.min()), float(x.max())
-    return (x - lo) / max(hi - lo, 1e-8) * 255.0
+    span = hi - lo
+    if not span > 0:
+        return np.zeros(x.shape, dtype=np.float64)
+    if math.isfinite(span):
+        return (x - lo) / span * 255.0
+    scale = max(abs(lo), abs(hi))  # finite: the values are
+    xs, los, his = x / scale, lo / scale, hi / scale
+    return np.clip((xs - los) / (his - los) * 255.0, 0.0, 255.0)
+
+
+def _as_float64(image: np.ndarray) -> np.ndarray:
+    if np.issubdtype(image.dtype, np.floating) and image.dtype.itemsize > 8 and image.size:
+        big = float(np.max(np.abs(image)))  # long double: may hold values float64 cannot
+        if not math.isfinite(big):
+            raise ImageError(
+                f"image of dtype {image.dtype} has values beyond the float64 range (|x| up to about 1.8e308): "
+                "rescale it first"
+            )
+    return image.astype(np.float64, copy=False)
 
 
 def to_uint8(image: np.ndarray, intensity: Intensity) -> np.ndarray:
@@ -142,9 +172,9 @@ def to_uint8(image: np.ndarray, intensity: Intensity) -> np.ndarray:
                 "choose modality 'ct', 'mr' or 'rgb'"
             )
         return image.astype(np.uint8)
-    data = image.astype(np.float64, copy=False)
+    data = _as_float64(image)
     if intensity.rule == "ct":
-        level, width = intensity.window
+        level, width = intensity.window or DEFAULT_CT_WINDOW
         out = _minmax_255(np.clip(data, level - width / 2.0, level + width / 2.0))
     elif intensity.rule == "percentile":
         positive = data[data > 0]
@@ -160,7 +190,7 @@ def to_uint8(image: np.ndarray, intensity: Intensity) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def parse_channels(spec: Union[None, str, Sequence[int]], n_channels: int) -> Optional[Tuple[int, ...]]:
+def parse_channels(spec: str | Sequence[int] | None, n_channels: int) -> tuple[int, ...] | None:
     """``"0,2"``, ``"1"``, ``[0, 2]`` or ``None``/``""`` -> checked channel indices (None: no composition).
 
     At most three channels (they become R, G, B); negative indices count from the end.
@@ -176,7 +206,9 @@ def parse_channels(spec: Union[None, str, Sequence[int]], n_channels: int) -> Op
     for c in spec:
         c = int(c)
         if not -n_channels <= c < n_channels:
-            raise ImageError(f"channel {c} does not exist: the channel axis has {n_channels} channels (0..{n_channels - 1})")
+            raise ImageError(
+                f"channel {c} does not exist: the channel axis has {n_channels} channels (0..{n_channels - 1})"
+            )
         picked.append(c % n_channels)
     if not 1 <= len(picked) <= 3:
         raise ImageError(f"pick one to three channels (they become red, green, blue), got {len(picked)}")
@@ -186,7 +218,7 @@ def parse_channels(spec: Union[None, str, Sequence[int]], n_channels: int) -> Op
 
 
 def compose_channels(
-    data: np.ndarray, channels: Sequence[int], axis: int = 0, modality: str = "auto", window: WindowLike = None
+    data: np.ndarray, channels: str | Sequence[int], axis: int = 0, modality: str = "auto", window: WindowLike = None
 ) -> np.ndarray:
     """Multichannel image -> 8-bit RGB for the model: each picked channel scaled on its own.
 
@@ -205,7 +237,9 @@ def compose_channels(
         raise ImageError(f"a multichannel image needs a channel axis and 2 spatial axes, got shape {data.shape}")
     axis = axis % data.ndim
     if axis >= data.ndim - 2:
-        raise ImageError(f"the channel axis must come before the 2 displayed axes, got axis {axis} of shape {data.shape}")
+        raise ImageError(
+            f"the channel axis must come before the 2 displayed axes, got axis {axis} of shape {data.shape}"
+        )
     picked = parse_channels(channels, data.shape[axis])
     if picked is None:
         raise ImageError("no channels picked")
@@ -221,3 +255,79 @@ def compose_channels(
     while len(planes) < 3:
         planes.append(np.zeros_like(planes[0]))
     return np.stack(planes, axis=-1)
+
+
+# -- the one image -> model uint8 path ------------------------------------------------
+def gray_to_rgb(u8: np.ndarray) -> np.ndarray:
+    """(..., H, W) gray -> (..., H, W, 3), contiguous: the plane repeated, as the authors feed gray images."""
+    return np.ascontiguousarray(np.repeat(np.asarray(u8)[..., None], 3, axis=-1))
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """The 8-bit pixels the model sees and how they were made.
+
+    Attributes:
+        pixels: uint8; an image ``(H, W, 3)``; a volume ``(D, H, W)`` or ``(D, H, W, 3)``;
+            planes ``(..., H, W)`` or ``(..., H, W, 3)`` (gray planes are repeated per plane
+            with :func:`gray_to_rgb` when encoded).
+        intensity: the rule applied (to the whole array at once).
+        rgb: the pixels carry 3 colour channels.
+    """
+
+    pixels: np.ndarray
+    intensity: Intensity
+    rgb: bool
+
+
+#: ``image``: one 2D image (gray or RGB, alpha dropped), returned as (H, W, 3).
+#: ``2d`` / ``rgb``: the :class:`~napari_medsam.engine.io.ImageData` kinds, same as ``image``.
+#: ``volume``: (D, H, W) or (D, H, W, 3). ``planes``: any stack whose layout the caller knows.
+INPUT_KINDS = ("image", "2d", "rgb", "volume", "planes")
+
+
+def convert(
+    array: np.ndarray,
+    kind: str = "image",
+    modality: str = "auto",
+    window: WindowLike = None,
+    *,
+    rgb: bool = False,
+    channels: str | Sequence[int] | None = None,
+    channel_axis: int = 0,
+) -> ModelInput:
+    """Validate ``array`` and apply the intensity rule once, over all of it (see :data:`INPUT_KINDS`).
+
+    ``rgb`` (planes only) says the last axis holds colours; ``channels`` (planes only)
+    picks channels along ``channel_axis`` and composes them into RGB
+    (:func:`compose_channels`). Raises :class:`ImageError` for unusable input, including
+    an image or volume that the rule turns constant.
+    """
+    if kind not in INPUT_KINDS:
+        raise ImageError(f"unknown input kind {kind!r}: use one of {INPUT_KINDS}")
+    if kind == "planes":
+        if channels is not None:
+            u8 = compose_channels(array, channels, axis=channel_axis, modality=modality, window=window)
+            return ModelInput(u8, Intensity("composed"), True)
+        data = check_planes(array, rgb)
+        data = data[..., :3] if rgb else data
+        intensity = resolve_modality(data, modality, window, rgb=rgb)
+        return ModelInput(to_uint8(data, intensity), intensity, rgb)
+    what = "volume" if kind == "volume" else "image"
+    arr, is_rgb = check_volume(array) if kind == "volume" else check_image(array)
+    intensity = resolve_modality(arr, modality or "auto", window, rgb=is_rgb)
+    u8 = to_uint8(arr, intensity)
+    if u8.min() == u8.max():
+        raise ImageError(
+            f"{what} is constant after the {intensity.describe()} intensity rule: check the window or modality"
+        )
+    if kind != "volume" and not is_rgb:
+        return ModelInput(gray_to_rgb(u8), intensity, True)
+    return ModelInput(np.ascontiguousarray(u8), intensity, is_rgb)
+
+
+def model_input(
+    array: np.ndarray, kind: str = "image", modality: str = "auto", window: WindowLike = None
+) -> np.ndarray:
+    """The uint8 pixels the model sees: an image (H, W, 3), a volume (D, H, W[, 3]); see :func:`convert`."""
+    return convert(array, kind, modality, window).pixels

@@ -50,6 +50,17 @@ class Recipe:
         """(N, 4) x0, y0, x1, y1 in image pixels -> (N, 4) float32 in model input pixels."""
         raise NotImplementedError
 
+    def model_scale(self, original: Size) -> Tuple[float, float]:
+        """Image pixel -> model input pixel factors (sx, sy): the longest side resized, aspect kept."""
+        h, w = original
+        s = float(self.input_size) / max(h, w)
+        return s, s
+
+    @property
+    def chain_margin(self) -> float:
+        """The authors' 3D chaining margin in model input pixels: 3 px at 256, 5 px at 1024."""
+        return 3.0 if self.input_size <= 256 else 5.0 * self.input_size / 1024.0
+
     def postprocess(self, logits: torch.Tensor, resized: Size, original: Size, region: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
         """(N, 1, 256, 256) logits -> (N, H, W) bool masks (or only ``region`` = y0, y1, x0, x1)."""
         raise NotImplementedError
@@ -124,6 +135,11 @@ class MedSAMRecipe(Recipe):
         ).astype(np.uint8)
         norm = minmax01(big).astype(np.float32)
         return torch.from_numpy(norm).permute(2, 0, 1)[None].contiguous(), (self.input_size, self.input_size)
+
+    def model_scale(self, original: Size) -> Tuple[float, float]:
+        """Stretched to a square: one factor per axis."""
+        h, w = original
+        return self.input_size / w, self.input_size / h
 
     def scale_boxes(self, boxes, original, resized):
         h, w = original

@@ -52,8 +52,11 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import BoxError, ImageError
-from .intensity import Intensity, WindowLike, resolve_modality, to_uint8
-from .prompts import MIN_SIDE, normalize_boxes
+from .intensity import Intensity, WindowLike, convert, gray_to_rgb
+from .labels import apply_mask, mask_box
+from .types import Segmenter
+from .validate import check_box, check_index, parse_z_range
+from .validate import check_volume as check_volume  # its old home was here
 
 BoxLike = Sequence[float]
 UP, DOWN = "up", "down"  # up = increasing slice index
@@ -176,96 +179,26 @@ class PropagationResult:
 
 
 # -- input checks -------------------------------------------------------------
-def check_volume(volume) -> Tuple[np.ndarray, bool]:
-    """Validate a volume; returns ((D, H, W) or (D, H, W, 3) array, is_rgb)."""
-    arr = np.asarray(volume)
-    if arr.dtype == bool:
-        raise ImageError("volume is boolean (a mask?): pass the intensity volume")
-    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
-        raise ImageError(f"volume dtype {arr.dtype} is not a number type")
-    if arr.ndim == 4 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    rgb = False
-    if arr.ndim == 2:
-        raise ImageError(
-            f"got a 2D image of shape {arr.shape}; 3D propagation needs a volume (D, H, W): "
-            "segment a 2D image with MedSAM.segment, or add a slice axis"
-        )
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) >= 16:
-        raise ImageError(
-            f"array of shape {arr.shape} looks like one RGB image (H, W, {arr.shape[-1]}), not a volume (D, H, W): "
-            "segment it with MedSAM.segment"
-        )
-    if arr.ndim == 4 and arr.shape[-1] in (3, 4):
-        rgb = True
-        arr = arr[..., :3]
-    elif arr.ndim != 3:
-        raise ImageError(f"expected a volume (D, H, W) or an RGB volume (D, H, W, 3), got shape {arr.shape}")
-    if arr.shape[0] < 1 or min(arr.shape[1:3]) < MIN_SIDE:
-        raise ImageError(f"volume of shape {arr.shape} is too small: slices need at least {MIN_SIDE} x {MIN_SIDE} pixels")
-    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise ImageError(f"volume has {bad} NaN or infinite voxels: fill or mask them first")
-    if arr.min() == arr.max():
-        raise ImageError(f"volume is constant (every voxel = {arr.flat[0]}): nothing to segment")
-    return arr, rgb
-
-
-def _check_index(z, depth: int, what: str) -> int:
-    if isinstance(z, (bool, np.bool_)) or not isinstance(z, (int, np.integer)):
-        if isinstance(z, (float, np.floating)) and float(z).is_integer():
-            z = int(z)
-        else:
-            raise BoxError(f"{what} must be an integer slice index, got {z!r}")
-    z = int(z)
-    if not 0 <= z < depth:
-        raise BoxError(f"{what} {z} is outside the volume: it has {depth} slices (0..{depth - 1}) along axis 0")
-    return z
-
-
-def _check_box(box, shape: Tuple[int, int], what: str) -> np.ndarray:
-    arr = np.asarray(box, dtype=np.float64) if box is not None else None
-    if arr is None or arr.shape != (4,):
-        raise BoxError(f"{what} must be one box (x0, y0, x1, y1), got {box!r}")
-    return normalize_boxes(arr, shape)[0]
-
-
+# check_volume, the slice-index and box checks live in engine/validate.py.
 def volume_to_uint8(volume, modality: str = "auto", window: WindowLike = None) -> Tuple[np.ndarray, Intensity, bool]:
     """Validate and convert a whole volume to 8-bit at once (volume-wide percentiles).
 
-    Returns ((D, H, W) or (D, H, W, 3) uint8, the rule applied, is_rgb).
+    Returns ((D, H, W) or (D, H, W, 3) uint8, the rule applied, is_rgb); see
+    :func:`engine.intensity.convert`.
     """
-    arr, rgb = check_volume(volume)
-    intensity = resolve_modality(arr, modality, window, rgb=rgb)
-    u8 = to_uint8(arr, intensity)
-    if u8.min() == u8.max():
-        raise ImageError(f"volume is constant after the {intensity.describe()} intensity rule: check the window or modality")
-    return np.ascontiguousarray(u8), intensity, rgb
+    r = convert(volume, "volume", modality, window)
+    return r.pixels, r.intensity, r.rgb
 
 
 # -- geometry -------------------------------------------------------------------
-def default_margin(model) -> float:
+def default_margin(model: Segmenter) -> float:
     """The authors' chaining margin at model input scale: 3 px at 256, 5 px at 1024."""
-    size = int(getattr(model.recipe, "input_size", 256))
-    return 3.0 if size <= 256 else 5.0 * size / 1024.0
+    return model.recipe.chain_margin
 
 
-def _model_scale(model, shape: Tuple[int, int]) -> Tuple[float, float]:
+def _model_scale(model: Segmenter, shape: Tuple[int, int]) -> Tuple[float, float]:
     """Image pixel -> model input pixel factors (sx, sy)."""
-    h, w = shape
-    size = float(getattr(model.recipe, "input_size", 256))
-    if getattr(model.recipe, "name", "") == "medsam":  # stretched to a square, per axis
-        return size / w, size / h
-    return size / max(h, w), size / max(h, w)  # longest side resized, aspect kept
-
-
-def mask_box(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
-    """Inclusive (x0, y0, x1, y1) bounds of a 2D mask, or None when empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+    return model.recipe.model_scale(shape)
 
 
 def chained_box(mask: np.ndarray, margin_xy: Tuple[float, float]) -> Optional[np.ndarray]:
@@ -295,7 +228,7 @@ def interpolate_boxes(anchors: Mapping[int, np.ndarray], z: int) -> np.ndarray:
 
 # -- propagation -------------------------------------------------------------------
 def propagate(
-    model,
+    model: Segmenter,
     volume,
     box: Optional[BoxLike],
     slice: Optional[int],
@@ -347,14 +280,14 @@ def propagate(
     # prompts: the key box plus any key_boxes
     anchors: Dict[int, np.ndarray] = {}
     for z, b in (key_boxes or {}).items():
-        zi = _check_index(z, depth, "key_boxes slice")
-        anchors[zi] = _check_box(b, shape, f"key_boxes[{zi}]")
+        zi = check_index(z, depth, "key_boxes slice")
+        anchors[zi] = check_box(b, shape, f"key_boxes[{zi}]")
     if slice is not None:
-        slice = _check_index(slice, depth, "slice")
+        slice = check_index(slice, depth, "slice")
     if box is not None:
         if slice is None:
             raise BoxError("a box needs the slice it was drawn on")
-        anchors[slice] = _check_box(box, shape, "box")
+        anchors[slice] = check_box(box, shape, "box")
     if not anchors:
         raise BoxError("no box given: pass box and slice, or key_boxes={slice: box, ...}")
     span = (min(anchors), max(anchors))
@@ -365,13 +298,7 @@ def propagate(
 
     lo, hi = 0, depth - 1
     if z_range is not None:
-        try:
-            first, last = (int(v) for v in z_range)
-        except (TypeError, ValueError):
-            raise BoxError(f"z_range is (first, last) slice indices, got {z_range!r}") from None
-        first, last = min(first, last), max(first, last)
-        if first < 0 or last >= depth:
-            raise BoxError(f"z_range {first}..{last} reaches outside the volume's {depth} slices (0..{depth - 1})")
+        first, last = parse_z_range(z_range, depth)
         if not (first <= span[0] and span[1] <= last and first <= slice <= last):
             raise BoxError(f"z_range {first}..{last} must contain the key slice {slice} and every boxed slice {sorted(anchors)}")
         lo, hi = first, last
@@ -388,8 +315,7 @@ def propagate(
     def embedding(z: int):
         if z in seen:
             return seen[z]
-        rgb_slice = u8[z] if rgb else np.repeat(u8[z][:, :, None], 3, axis=-1)
-        rgb_slice = np.ascontiguousarray(rgb_slice)
+        rgb_slice = np.ascontiguousarray(u8[z]) if rgb else gray_to_rgb(u8[z])
         emb, encoded = model.embed_rgb_status(rgb_slice)
         (result.encoded if encoded else result.cached).append(z)
         seen[z] = emb
@@ -477,7 +403,7 @@ def propagate(
 
 
 def segment_volume(
-    model,
+    model: Segmenter,
     volume,
     box: Optional[BoxLike],
     slice: Optional[int],
@@ -516,18 +442,10 @@ def paste_object(labels: np.ndarray, mask3d: np.ndarray, label_id: int, overwrit
     object to replace it). Returns ``labels``. Raises ``ValueError`` when the id
     does not fit the label dtype (use uint16/uint32 for ids > 255).
     """
-    if not isinstance(labels, np.ndarray) or not np.issubdtype(labels.dtype, np.integer):
-        raise ImageError(f"labels must be an integer numpy array, got {getattr(labels, 'dtype', type(labels))}")
+    if not isinstance(labels, np.ndarray):
+        raise ImageError(f"labels must be an integer numpy array, got {type(labels).__name__}")
     mask3d = np.asarray(mask3d, dtype=bool)
     if mask3d.shape != labels.shape:
         raise ImageError(f"mask shape {mask3d.shape} differs from labels shape {labels.shape}")
-    label_id = int(label_id)
-    info = np.iinfo(labels.dtype)
-    if label_id <= 0 or label_id > info.max:
-        raise ValueError(
-            f"label id {label_id} does not fit a {labels.dtype} label volume (1..{info.max}): "
-            "use a wider type such as uint16 or uint32"
-        )
-    target = mask3d if overwrite else mask3d & ((labels == 0) | (labels == label_id))
-    labels[target] = label_id
+    apply_mask(labels, None, mask3d, label_id, clear_id=False, overwrite=overwrite)  # the one writer of objects
     return labels
