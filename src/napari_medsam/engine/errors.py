@@ -31,3 +31,14 @@ class BatchError(MedSAMError, ValueError):
 
 class SessionError(MedSAMError, ValueError):
     """The session cannot be opened or used as asked (bad input, index, status...)."""
+
+
+class ModelError(MedSAMError, ValueError):
+    """A model cannot be built as asked (unknown name, bad option, embedding of another model)."""
+
+
+class UnknownModelError(ModelError, KeyError):
+    """No model is registered under this name; the message lists the known names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
