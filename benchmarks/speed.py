@@ -1,4 +1,4 @@
-"""Speed of the opt-in fast paths (engine/fast.py) against the authors' pipeline (issue #6).
+"""Speed of the fast paths (engine/fast/) against the authors' pipeline.
 
     python benchmarks/speed.py                  # 100 boxes + 8 encodes, agreement on the dev cases
     python benchmarks/speed.py --quick          # 30 boxes, 4 encodes, samples only
@@ -7,7 +7,7 @@ Every variant is timed in the same process, interleaved with the authors' pipeli
 (``benchmarks/run.py``: ``authors_encode`` / ``authors_decode``) and with the default
 path, so all see the same (noisy, 2-core, shared) machine. Ratios are variant /
 authors'. Agreement: masks of each variant against the authors' fp32 masks on the
-2D dev cases (``/work/shared/data`` if present, else the bundled samples).
+2D dev cases (the shared data set, ``$MEDSAM_SHARED_DATA``, if present, else the bundled samples).
 Prints a markdown table and writes a section to docs/benchmarks_speed.md.
 """
 
@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run import authors_decode, authors_encode, machine, stats  # noqa: E402
 
+from napari_medsam.engine import fast as F  # noqa: E402
+
 SHARED = Path(os.environ.get("MEDSAM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 ENCODER_VARIANTS = {  # label -> encoder kind (library ones: engine/fast.py; the rest built here)
@@ -42,8 +44,6 @@ ENCODER_VARIANTS = {  # label -> encoder kind (library ones: engine/fast.py; the
 def experimental_encoder(base, kind):
     """Encoders measured but not offered by engine/fast.py (they lose agreement or gain nothing)."""
     from torch import nn
-
-    from napari_medsam.engine import fast as F
 
     fused = F.fuse_tinyvit(base.module.image_encoder)
     if kind == "trace":
@@ -74,7 +74,57 @@ def experimental_encoder(base, kind):
     raise ValueError(kind)
 
 
-NOTES = """### What was tried (issue #6), and why the shipped `fast=True` is what it is
+DESIGN = """## How the fast paths work (`engine/fast/`)
+
+`MedSAM.load()` attaches separate fast copies of the encoder and decoder as `model.fast`;
+the shared weights are never changed, and `MedSAM.load(..., exact=True)` (or `predict(..., exact=True)`)
+runs the authors' pipeline.
+
+Decoder (`decoder="fused"`, `engine/fast/decoder.py`, `lowrank.py`, `windows.py`), pure PyTorch:
+
+* **prompt-independent work cached per embedding**: image tokens + no-mask embedding, and in the
+  first two-way layer the token->image keys/values and the image->token queries (they see only the
+  image and its positional encoding);
+* **low-rank cross-attention**: with 7 prompt tokens and 8 heads the 4096 image tokens only ever meet
+  56 head-token vectors, so each 4096 x 256 x 128 projection of the image side is folded into a
+  4096 x 256 x 56 product with the projection weights moved to the token side (same maths, different
+  rounding). The key bias of token->image attention is dropped: it is constant along the softmax
+  axis. In layer 1 the image-side keys are `LN(x + A^T v)` (x the image tokens, A the layer-0
+  attention, v 56 token vectors): its token->image logits and values and its image->token logits are
+  taken through that form - per-image projections of x with the LayerNorm weight folded in, plus 56
+  attention weights and the LayerNorm mean and scale per image token - instead of 256-wide products
+  with the keys;
+* **chunked image side**: the 4096 image tokens are walked in chunks of 1024, twice, so each chunk's
+  intermediates stay in cache (softmaxes over all image tokens are accumulated online); the
+  positional encoding's share of each image-side logit comes from projections made once per model;
+* **only what `multimask_output=False` reads**: one hypernetwork MLP, and in the final token->image
+  attention only the IoU token and the first mask token attend;
+* **only the needed part of the output upscaling**: the two stride-2 transposed convolutions and the
+  per-pixel LayerNorm are local (each 256-grid logit depends on one 64-grid token), so for
+  `predict(region=...)` only the tokens under the region are upscaled, as three channels-last matrix
+  products - identical values there;
+* `auto_region=True`: a full-size mask is computed in the box grown by `grow_box` (25 % of its size
+  + 8 px per side); if any positive logit lies on that window's border the whole plane is computed
+  instead. Differs from the full computation only when the decoder puts a separate blob far outside
+  the box.
+
+Encoder (`engine/fast/encoders.py`, `onnx.py`):
+
+* `encoder="fused"`: TinyViT with BatchNorm folded into the convolutions, attention biases gathered
+  once, fused scaled-dot-product attention, channels-last memory order.
+* `encoder="onnx"`: that fused TinyViT exported with `torch.onnx` (needs the `onnx` package; cached in
+  the user cache folder, named by a digest of the weights) and run by ONNX Runtime with its own
+  threads and no spinning; falls back to `fused` where ONNX Runtime cannot load.
+
+Measured and *not* offered (`benchmarks/speed.py` still times them): int8 dynamic quantisation of the
+Linear/MatMul layers (torch.ao and ONNX Runtime) - masks at mean Dice ~0.93 against the authors';
+TorchScript trace + freeze - no gain over `fused`; `torch.compile` - minutes of warm-up on two cores,
+and it imports triton, which must not happen in a process with an OpenGL context
+(see `engine.fast.triton_blocked`).
+"""
+
+
+NOTES = """### What was tried, and why the default (`MedSAM.load()`) is what it is
 
 * **Decoder** (`decoder="fused"`): per-image precompute of the prompt-independent first-layer
   projections, low-rank cross-attention (the 4096 image tokens only meet 7 tokens x 8 heads = 56
@@ -101,8 +151,10 @@ NOTES = """### What was tried (issue #6), and why the shipped `fast=True` is wha
   machine is idle (the "torch default threads" row) and hurts when another process holds a core.
 * **Threads**: torch's OpenMP pool with 2 threads on 2 shared cores is the single largest factor
   on a busy machine: the authors' decoder went from ~250 ms (1 thread) to ~1.5-2 s per box
-  (2 threads) while other jobs ran. The fast decoder therefore runs with 1 torch thread
-  (per calling thread; other threads keep their setting); ONNX Runtime runs without spinning.
+  (2 threads) while other jobs ran. The plugin's previews therefore decode in a child process
+  that runs on 1 torch thread; the library never changes torch's thread count around a decode
+  (it is process-wide state: threads started meanwhile kept the 1 thread for good); ONNX Runtime
+  runs without spinning.
 * **Encoder**: TinyViT at 256 x 256 costs 75 GFLOP per image (stage 0 runs at full 256 x 256
   resolution); the 0.25 s target needs 300 GFLOP/s, above the fp32 peak of two AVX2 cores
   (no AVX-512 / VNNI / bf16 here). ONNX Runtime fp32 of the BN-folded TinyViT was the best exact
@@ -114,7 +166,7 @@ NOTES = """### What was tried (issue #6), and why the shipped `fast=True` is wha
   blocked import) - not shipped. int8 dynamic quantisation (torch.ao or ONNX Runtime): 0.4-0.8x but
   masks at mean Dice ~0.94 against the authors' (layer-3 fc2 alone gives 19 % embedding error) - not
   shipped.
-* **MedSAM ViT-B encoder** (`fast=True` on `medsam` / `sam_*`): segment-anything's attention builds
+* **MedSAM ViT-B encoder** (the default of `medsam` / `sam_*`): segment-anything's attention builds
   the (heads, 4096, 4096) score matrix, adds the decomposed relative positions in two broadcast
   passes that allocate 800 MB each, then soft-maxes in a third; `scaled_dot_product_attention` with
   the relative positions as its additive mask does it in one fused kernel (same maths, embeddings
@@ -126,7 +178,7 @@ NOTES = """### What was tried (issue #6), and why the shipped `fast=True` is wha
   flash-attention kernel itself.
 * **ONNX Runtime for the decoder**: the restructured transformer exported to ONNX ran ~15 % slower
   than eager PyTorch on one thread (skinny GEMMs; no fusable work left) - not shipped.
-* **Memory**: `fast=True` stores embeddings as fp16, 2.10 MB each (its agreement row above includes
+* **Memory**: the default stores embeddings as fp16, 2.10 MB each (its agreement row above includes
   the fp16 storage).
 """
 
@@ -151,7 +203,6 @@ def random_boxes(n, size=512, seed=0):
 
 def bench_decoder(base, fast, rgb, boxes):
     """Per-box times (s) of: authors', default predict, fast full-plane, fast auto-region, fast preview region."""
-    from napari_medsam._live import preview_region
     from napari_medsam.engine.evaluation import dice
 
     emb = base.embed_rgb(rgb)
@@ -164,7 +215,7 @@ def bench_decoder(base, fast, rgb, boxes):
     fast.fast.decoder.clear()
     fast.predict(f_emb, boxes[0])
     first = time.perf_counter() - t
-    fast_nt = facade(base, encoder=None, decoder="fused", decoder_threads=None)
+    fast_nt = facade(base, encoder=None, decoder="fused")
     nt_emb = fast_nt.embed_rgb(rgb)
     fast_nt.predict(nt_emb, boxes[0])
     nthreads = torch.get_num_threads()
@@ -185,18 +236,22 @@ def bench_decoder(base, fast, rgb, boxes):
         ref = base.predict(emb, b).masks[0]
         rows["default"].append(time.perf_counter() - t)
         t = time.perf_counter()
+        fast_nt.predict(nt_emb, b)
+        rows["fast auto nt"].append(time.perf_counter() - t)
+        # the decoder child process runs on 1 torch thread (set once there); the library itself
+        # never changes torch's (process-wide) thread count, the benchmark does it here
+        torch.set_num_threads(1)
+        t = time.perf_counter()
         m_full = fast_full.predict(ff_emb, b).masks[0]
         rows["fast full"].append(time.perf_counter() - t)
         t = time.perf_counter()
         m_auto = fast.predict(f_emb, b).masks[0]
         rows["fast auto"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fast_nt.predict(nt_emb, b)
-        rows["fast auto nt"].append(time.perf_counter() - t)
-        reg = preview_region(b, rgb.shape[:2])
+        reg = F.grown_region(b, rgb.shape[:2])  # the plugin's preview region
         t = time.perf_counter()
         m_reg = fast.predict(f_emb, b, region=reg).masks[0]
         rows["fast region"].append(time.perf_counter() - t)
+        torch.set_num_threads(nthreads)
         y0, y1, x0, x1 = reg
         same_as_authors += int(np.array_equal(ref_a.astype(bool), ref))
         dices["fast full"].append(dice(m_full, ref))
@@ -284,7 +339,7 @@ def roofline(base, fast, rgb, box):
     emb = fast.embed_rgb(rgb)
     st = fast.fast.decoder.image_state(emb.features, emb.key)
     box_t = base.recipe.scale_boxes(np.asarray([box], float), emb.original_size, emb.resized)
-    win = fast.fast._auto_window(base.recipe, box_t, emb.resized, st)
+    win = F.auto_window(base.recipe, box_t, emb.resized, st.grid)
     dec = counted_flops(lambda: fast.fast.decoder.logits(st, box_t, win))
     ref = counted_flops(lambda: base.predict(emb, box, exact=True))
     return {"encoder": enc, "decoder": dec, "decoder_authors": ref, "peak1": sgemm_peak(1), "peak2": sgemm_peak(2)}
@@ -352,7 +407,7 @@ def main(argv=None):
     from napari_medsam.engine.fast import have_onnxruntime
     from napari_medsam.engine.io import read_image
 
-    base = MedSAM.load("litemedsam", device="cpu")
+    base = MedSAM.load("litemedsam", device="cpu", exact=True)
     img = read_image(ROOT / "src/napari_medsam/samples/dsb2018_nuclei.png").array  # 512 x 512
     rgb = base.prepare(img)
 
@@ -393,10 +448,10 @@ def main(argv=None):
     agree = {}
     if not a.no_agreement:
         root, cases = dev_cases(limit_images=3 if a.quick else None)
-        shipped = MedSAM(base.spec, base.module, base.device, None, base.checkpoint, fast=True)
-        variants = {"default": base, **enc_variants, "fast=True (as shipped)": shipped}
+        shipped = MedSAM(base.spec, base.module, base.device, None, base.checkpoint, fast=True, exact=False)
+        variants = {"exact=True": base, **enc_variants, "default `MedSAM.load()` (as shipped)": shipped}
         agree = agreement(base, variants, cases)
-        agree_root = root
+        agree_root = "the shared data" if root == SHARED else "the bundled samples"
 
     am, ap95 = stats(dec_rows["authors"])
     em, ep95 = stats(enc_rows["authors"])
@@ -405,7 +460,7 @@ def main(argv=None):
         "authors 1t": "authors' pipeline, torch 1 thread",
         "default": "default `predict` (authors' numerics)",
         "fast full": "fused decoder, full plane, 1 thread",
-        "fast auto": "**fused decoder, auto region (full-size mask), 1 thread** (`fast=True`)",
+        "fast auto": "**fused decoder, auto region (full-size mask), 1 thread** (the default)",
         "fast auto nt": "fused decoder, auto region, torch default threads",
         "fast region": "fused decoder, `region=` preview window, 1 thread",
     }
@@ -447,7 +502,7 @@ def main(argv=None):
     lines += [
         "",
         f"Cached embedding: {emb.nbytes / 1e6:.2f} MB fp32, {emb.nbytes / 2e6:.2f} MB with `EmbeddingCache(fp16=True)` "
-        "(`fast=True` switches the model's cache to fp16).",
+        "(the default `MedSAM.load()` stores its own embeddings as fp16, under their own cache keys).",
     ]
     e_bound = roof["encoder"] / (roof["peak2"] * 1e9)
     d_bound = roof["decoder"] / (roof["peak1"] * 1e9)
@@ -458,7 +513,7 @@ def main(argv=None):
         f"fp32 matrix product peak measured here (2048^3, best of 8): {roof['peak1']:.0f} GFLOP/s on 1 thread, "
         f"{roof['peak2']:.0f} GFLOP/s on 2. Work counted by `torch.utils.flop_counter`.",
         "",
-        "| | work | at the peak | issue #6 target |",
+        "| | work | at the peak | target |",
         "|---|---|---|---|",
         f"| encoder, per 256 x 256 image | {roof['encoder'] / 1e9:.1f} GFLOP | {e_bound:.2f} s on 2 threads | 0.25 s |",
         f"| fused decoder, per box (a 90 x 80 px box) | {roof['decoder'] / 1e9:.2f} GFLOP "
@@ -478,7 +533,7 @@ def main(argv=None):
             "|---|---|---|---|",
         ]
         for k, label in (("default", "segment-anything attention (authors' code)"),
-                         ("fused", "**fused attention** (`fast=True`; the plugin's default for ViT models)")):
+                         ("fused", "**fused attention** (the default for ViT models)")):
             m, p = stats(rows[k])
             lines.append(f"| {label} | {m / 1000:.2f} | {p / 1000:.2f} | {m / dm:.2f} |")
         lines += ["", f"Largest embedding difference, relative to the largest value: {diff:.1e}."]
@@ -486,7 +541,7 @@ def main(argv=None):
         n = len(next(iter(agree.values()))) if agree else 0
         lines += [
             "",
-            f"### Mask agreement with the authors' fp32 pipeline ({n} 2D dev cases of `{agree_root}`; "
+            f"### Mask agreement with the authors' fp32 pipeline ({n} 2D dev cases of {agree_root}; "
             "boxes under 4 px at 256 excluded)",
             "",
             "| variant | mean Dice | min Dice | cases with Dice < 0.99 |",
@@ -495,12 +550,12 @@ def main(argv=None):
         for k, v in agree.items():
             v = np.asarray(v)
             lines.append(f"| {k} | {v.mean():.4f} | {v.min():.4f} | {int((v < 0.99).sum())} |")
-    lines += ["", NOTES]
+    lines += ["", NOTES, "", DESIGN]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    head = "# Speed of the fast paths (issue #6)\n\n"
+    head = "# Speed of the fast paths\n\n"
     out.write_text(head + text)
 
 

@@ -21,7 +21,17 @@ def samples() -> Path:
 
 @pytest.fixture(scope="session")
 def lite():
-    """The real LiteMedSAM with its official weights (shared by the whole session)."""
+    """The real LiteMedSAM with its official weights and the authors' exact pipeline (shared by the
+    whole session; the reference the fast default is checked against). ``lite_default``: the default."""
     from napari_medsam import MedSAM
 
-    return MedSAM.load("litemedsam", device="cpu")
+    return MedSAM.load("litemedsam", device="cpu", exact=True)
+
+
+@pytest.fixture(scope="session")
+def lite_default(lite):
+    """``MedSAM.load("litemedsam")`` as users get it: the fast path (same weights as ``lite``, own cache)."""
+    from napari_medsam import MedSAM
+    from napari_medsam.engine.cache import EmbeddingCache
+
+    return MedSAM(lite.spec, lite.module, lite.device, EmbeddingCache(), lite.checkpoint, fast=True, exact=False)

@@ -44,25 +44,25 @@ def _run(*args):
 def shared_model():
     from napari_medsam.engine import MedSAM
 
-    return MedSAM.load("litemedsam", device="cpu")
+    return MedSAM.load("litemedsam", device="cpu", exact=True)
 
 
 @pytest.fixture(scope="module")
 def shared_fast_model():
     from napari_medsam.engine import MedSAM
 
-    return MedSAM.load("litemedsam", device="cpu", fast=True)
+    return MedSAM.load("litemedsam", device="cpu")  # the default: the fast path
 
 
 @pytest.fixture
 def use_shared_model(shared_model, shared_fast_model, monkeypatch):
     real = batch.load_model
 
-    def load(model="litemedsam", device="auto", checkpoint=None, cache=None, fast=False):
+    def load(model="litemedsam", device="auto", checkpoint=None, cache=None, fast=False, exact=False):
         batch.check_device(device)
         if model == "litemedsam" and checkpoint is None:
-            return shared_fast_model if fast else shared_model
-        return real(model, device, checkpoint, cache, fast)
+            return shared_model if exact else shared_fast_model
+        return real(model, device, checkpoint, cache, fast, exact)
 
     from napari_medsam.engine import demo
     from napari_medsam.engine.batch import run as batch_run
@@ -184,13 +184,15 @@ def test_batch_cli_exit_codes(use_shared_model, tmp_path, capsys):
 
 
 def test_segment_and_batch_fast_agree_with_default(use_shared_model, shared_fast_model, tmp_path, capsys):
-    """--fast (fused decoder + ONNX Runtime or fused encoder) gives the default's mask on a real image."""
+    """The default (fused decoder + ONNX Runtime or fused encoder) gives --exact's mask on a real image;
+    --fast is a no-op alias kept for old scripts."""
     from napari_medsam.engine.metrics import dice
 
     exact, fast = tmp_path / "exact.tif", tmp_path / "fast.tif"
-    assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(exact), "--device", "cpu"]) == 0
+    assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(exact), "--device", "cpu", "--exact"]) == 0
     assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(fast), "--device", "cpu", "--fast"]) == 0
     assert shared_fast_model.fast is not None and shared_fast_model.fast.decoder is not None
+    assert use_shared_model.exact and use_shared_model.fast is None
     a, b = tifffile.imread(exact) > 0, tifffile.imread(fast) > 0
     assert a.any() and dice(a, b) >= 0.99
     prompts = tmp_path / "p.csv"

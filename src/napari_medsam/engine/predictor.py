@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Any
 
 import numpy as np
 import torch
 
 from .cache import Embedding, EmbeddingCache, embedding_key
-from .errors import ImageError
+from .errors import ImageError, ModelError
 from .intensity import WindowLike, resolve_modality, to_uint8
 from .models.registry import ModelSpec, get_spec, load_weights
-from .prompts import check_image, normalize_boxes
+from .validate import check_image, normalize_boxes
 
-BoxLike = Union[Sequence[float], np.ndarray]
+BoxLike = Sequence[float] | np.ndarray
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -29,6 +30,17 @@ def pick_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
+
+
+def resolve_speed(exact: bool = False, fast: Any = None) -> tuple[Any, bool]:
+    """``MedSAM.load``'s ``exact`` / ``fast`` -> (``fast`` value for the constructor, exact flag)."""
+    if exact:
+        if fast:
+            raise ModelError(f"exact=True runs the authors' pipeline; it cannot take fast={fast!r}")
+        return None, True
+    if fast is False:
+        return None, True  # the old opt-out: the authors' numerics
+    return (True if fast is None else fast), False
 
 
 @dataclass
@@ -56,21 +68,34 @@ class MedSAM:
         mask = model.segment(emb, box=(x0, y0, x1, y1))
     """
 
-    def __init__(self, spec: ModelSpec, module: torch.nn.Module, device: torch.device, cache: Optional[EmbeddingCache] = None, checkpoint: Optional[str] = None, fast=None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        module: torch.nn.Module,
+        device: torch.device,
+        cache: EmbeddingCache | None = None,
+        checkpoint: str | None = None,
+        fast: Any = None,
+        exact: bool | None = None,
+    ):
         self.spec = spec
         self.name = spec.name
         self.recipe = spec.recipe()
-        self.module = module.to(device).eval()
+        self.module: Any = module.to(device).eval()
         self.device = device
         self.cache = cache if cache is not None else EmbeddingCache()
         self.checkpoint = checkpoint
         self.last_encode_s = 0.0
         self.last_decode_s = 0.0
         self._lock = threading.Lock()  # one forward pass at a time per model
+        prompt_encoder: Any = self.module.prompt_encoder
         with torch.inference_mode():
-            self._dense_pe = self.module.prompt_encoder.get_dense_pe()
-        self.fast = None  # opt-in CPU fast paths (engine/fast.py); None = the authors' numerics
-        if fast:
+            self._dense_pe = prompt_encoder.get_dense_pe()
+        self.fast: Any = None  # fast paths (engine/fast/) attached by accelerate(); None = the authors' numerics
+        #: True: the authors' pipeline end to end (encoder, decoder, no later mask refinement);
+        #: read by whatever would refine a mask after the decoder. Default: exact when no fast paths are asked.
+        self.exact: bool = (not fast) if exact is None else bool(exact)
+        if fast and not self.exact:
             from .fast import accelerate, fast_options
 
             accelerate(self, **fast_options(fast))
@@ -80,13 +105,14 @@ class MedSAM:
         cls,
         name: str = "litemedsam",
         device: str = "auto",
-        checkpoint: Optional[str] = None,
+        checkpoint: str | None = None,
         *,
         weights: str = "pretrained",
         allow_download: bool = False,
-        cache: Optional[EmbeddingCache] = None,
-        fast=None,
-    ) -> "MedSAM":
+        cache: EmbeddingCache | None = None,
+        exact: bool = False,
+        fast: Any = None,
+    ) -> MedSAM:
         """Build a registered model and load its weights.
 
         Args:
@@ -97,22 +123,33 @@ class MedSAM:
                 no weights can be had).
             allow_download: fetch missing weights from their known address (never by default).
             cache: share an :class:`EmbeddingCache` between models or sessions.
-            fast: opt-in CPU speed-ups for LiteMedSAM (see ``engine/fast.py``): ``True``
-                for the measured winners, an encoder name (``fused``, ``onnx``...) or a
-                dict of :func:`engine.fast.accelerate` arguments. Default: off.
+            exact: the authors' pipeline end to end: their encoder and decoder numerics and
+                no later mask refinement (``model.exact`` is True). Default False: the fastest
+                path that keeps the masks (LiteMedSAM on the CPU: ONNX Runtime encoder where it
+                loads, else the fused PyTorch TinyViT; fused decoder; fp16 embeddings. MedSAM /
+                SAM: the ViT's fused attention kernel. Agreement with ``exact=True``:
+                ``tests/test_fast.py``, ``docs/benchmarks_speed.md``).
+            fast: kept for compatibility and fine tuning: ``None`` / ``True``: the default
+                above; ``False``: the same as ``exact=True`` (its old meaning, the authors'
+                numerics); an encoder name (``fused``, ``onnx``...) or a dict of
+                :func:`engine.fast.accelerate` arguments: those fast paths.
+
+        Raises:
+            ModelError: ``exact=True`` together with fast paths (``fast`` truthy).
         """
         spec = get_spec(name)
+        if weights not in ("pretrained", "random"):
+            raise ModelError(f"weights must be 'pretrained' or 'random', got {weights!r}")
+        # find the weights before building: a missing file must not cost a 90 M-parameter ViT first
+        path = spec.locate_checkpoint(checkpoint, allow_download) if weights == "pretrained" else None
         module = spec.build()
-        path = None
-        if weights == "pretrained":
-            path = spec.locate_checkpoint(checkpoint, allow_download)
+        if path is not None:
             load_weights(module, path, spec.name)
-        elif weights != "random":
-            raise ValueError(f"weights must be 'pretrained' or 'random', got {weights!r}")
-        return cls(spec, module, pick_device(device), cache, str(path) if path else None, fast=fast)
+        opts, exact = resolve_speed(exact, fast)
+        return cls(spec, module, pick_device(device), cache, str(path) if path else None, fast=opts, exact=exact)
 
     # -- encoding ---------------------------------------------------------
-    def prepare(self, image, modality: str = "auto", window: WindowLike = None) -> np.ndarray:
+    def prepare(self, image: Any, modality: str = "auto", window: WindowLike = None) -> np.ndarray:
         """Validate and convert a 2D image to the (H, W, 3) uint8 the recipe expects."""
         arr, rgb = check_image(image)
         intensity = resolve_modality(arr, modality, window, rgb=rgb)
@@ -120,10 +157,12 @@ class MedSAM:
         if not rgb:
             u8 = np.repeat(u8[:, :, None], 3, axis=-1)
         if u8.min() == u8.max():
-            raise ImageError(f"image is constant after the {intensity.describe()} intensity rule: check the window or modality")
+            raise ImageError(
+                f"image is constant after the {intensity.describe()} intensity rule: check the window or modality"
+            )
         return np.ascontiguousarray(u8)
 
-    def embed(self, image, modality: str = "auto", window: WindowLike = None, use_cache: bool = True) -> Embedding:
+    def embed(self, image: Any, modality: str = "auto", window: WindowLike = None, use_cache: bool = True) -> Embedding:
         """Encode a 2D image (cached by model + exact 8-bit pixels).
 
         Args:
@@ -137,7 +176,7 @@ class MedSAM:
         """Encode an already prepared (H, W, 3) uint8 image."""
         return self.embed_rgb_status(rgb, use_cache)[0]
 
-    def embed_rgb_status(self, rgb: np.ndarray, use_cache: bool = True) -> Tuple[Embedding, bool]:
+    def embed_rgb_status(self, rgb: np.ndarray, use_cache: bool = True) -> tuple[Embedding, bool]:
         """Like :meth:`embed_rgb`, and say whether the encoder ran (False: a cache hit)."""
         key = embedding_key(self.name, rgb)
         if self.fast is not None:
@@ -151,12 +190,16 @@ class MedSAM:
         with self._lock, torch.inference_mode():
             fast_enc = self.fast.encoder if self.fast is not None else None
             feats = (self.module.image_encoder if fast_enc is None else fast_enc)(x.to(self.device))
+            if self.fast is not None and self.fast.fp16_embeddings:
+                feats = feats.half()  # this model's embeddings only; a shared cache keeps its own setting
         self.last_encode_s = time.perf_counter() - t0
         emb = Embedding(feats, tuple(rgb.shape[:2]), resized, self.name, key)
         return (self.cache.put(emb) if use_cache else emb), True
 
     # -- decoding ---------------------------------------------------------
-    def predict(self, embedding: Embedding, boxes: BoxLike, region=None, exact: bool = False) -> Prediction:
+    def predict(
+        self, embedding: Embedding, boxes: BoxLike, region: tuple[int, int, int, int] | None = None, exact: bool = False
+    ) -> Prediction:
         """Masks and predicted IoU for one or more boxes on an embedded image.
 
         Args:
@@ -168,7 +211,7 @@ class MedSAM:
                 (the plugin previews with the fast decoder and accepts with this).
         """
         if embedding.model != self.name:
-            raise ValueError(f"embedding was made by {embedding.model!r}, not {self.name!r}")
+            raise ModelError(f"embedding was made by {embedding.model!r}, not {self.name!r}")
         boxes = normalize_boxes(boxes, embedding.original_size)
         box_t = self.recipe.scale_boxes(boxes, embedding.original_size, embedding.resized).to(self.device)
         t0 = time.perf_counter()
@@ -189,7 +232,9 @@ class MedSAM:
         self.last_decode_s = time.perf_counter() - t0
         return Prediction(masks.cpu().numpy(), iou[:, 0].float().cpu().numpy(), boxes)
 
-    def segment(self, image_or_embedding, box: Optional[BoxLike] = None, boxes: Optional[BoxLike] = None, **embed_kwargs) -> np.ndarray:
+    def segment(
+        self, image_or_embedding: Any, box: BoxLike | None = None, boxes: BoxLike | None = None, **embed_kwargs: Any
+    ) -> np.ndarray:
         """Bool mask (H, W) for ``box``, or (N, H, W) for ``boxes``.
 
         ``image_or_embedding`` is an :class:`Embedding` or a 2D image (then embedded
@@ -200,10 +245,12 @@ class MedSAM:
         emb = image_or_embedding
         if not isinstance(emb, Embedding):
             emb = self.embed(emb, **embed_kwargs)
-        pred = self.predict(emb, box if box is not None else boxes)
+        chosen = box if box is not None else boxes
+        assert chosen is not None
+        pred = self.predict(emb, chosen)
         return pred.masks[0] if box is not None else pred.masks
 
-    def segment_volume(self, volume, box: BoxLike, slice: int, **kwargs) -> np.ndarray:
+    def segment_volume(self, volume: Any, box: Any, slice: int, **kwargs: Any) -> np.ndarray:
         """3D mask (D, H, W) from one box on one slice; see :func:`engine.volume.propagate`."""
         from .volume import segment_volume
 

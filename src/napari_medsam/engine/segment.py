@@ -92,15 +92,18 @@ def load_model(
     checkpoint: str | None = None,
     cache: EmbeddingCache | None = None,
     fast: bool = False,
+    exact: bool = False,
 ) -> MedSAM:
     """A :class:`MedSAM` from a registry name (an existing instance is returned as is).
 
-    ``fast``: the opt-in speed-ups of ``MedSAM.load(fast=True)`` (engine/fast).
+    ``exact``: the authors' pipeline end to end (``MedSAM.load(exact=True)``); default: the
+    fastest path that keeps the masks. ``fast``: accepted for compatibility, no effect (the
+    fast path is the default).
     """
     if isinstance(model, MedSAM):
         return model
     spec = model_spec(model)
-    return MedSAM.load(spec.name, check_device(device), checkpoint, cache=cache, fast=True if fast else None)
+    return MedSAM.load(spec.name, check_device(device), checkpoint, cache=cache, exact=exact)
 
 
 # ---------------------------------------------------------------------------

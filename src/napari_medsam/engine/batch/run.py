@@ -138,16 +138,16 @@ class BatchResult:
         return out
 
 
-# Worker-side model cache: one model per (model, device, checkpoint, fast) per process.
+# Worker-side model cache: one model per (model, device, checkpoint, exact) per process.
 _WORKER_MODELS: dict[tuple[str, str, str | None, bool], object] = {}
 _WORKER_CACHES: dict[str | None, EmbeddingCache] = {}
 
 
-def _worker_model(model: str, device: str, checkpoint: str | None, cache_dir: str | None, fast: bool = False):
-    key = (model, device, checkpoint, fast)
+def _worker_model(model: str, device: str, checkpoint: str | None, cache_dir: str | None, exact: bool = False):
+    key = (model, device, checkpoint, exact)
     m = _WORKER_MODELS.get(key)
     if m is None:
-        m = _WORKER_MODELS[key] = load_model(model, device, checkpoint, fast=fast)
+        m = _WORKER_MODELS[key] = load_model(model, device, checkpoint, exact=exact)
     if cache_dir not in _WORKER_CACHES:
         _WORKER_CACHES[cache_dir] = EmbeddingCache(max_bytes=_GROUP_CACHE_BYTES, disk_dir=cache_dir)
     m.cache = _WORKER_CACHES[cache_dir]
@@ -204,9 +204,9 @@ def run_group(model, rows: Sequence[PromptRow], out_dir: PathLike, base: Path | 
     return results
 
 
-def _run_group_task(rows, out_dir, base, model, device, checkpoint, cache_dir, fast=False):
+def _run_group_task(rows, out_dir, base, model, device, checkpoint, cache_dir, exact=False):
     """Dask task: the worker's cached model runs one image group."""
-    m = _worker_model(model, device, checkpoint, cache_dir, fast)
+    m = _worker_model(model, device, checkpoint, cache_dir, exact)
     return run_group(m, rows, out_dir, base)
 
 
@@ -268,6 +268,7 @@ def run_batch(
     progress: bool = True,
     log: Callable[[str], None] | None = _stderr,
     fast: bool = False,
+    exact: bool = False,
 ) -> BatchResult:
     """Segment every row of ``prompts_csv`` into ``out_dir``; see the module docstring.
 
@@ -278,8 +279,9 @@ def run_batch(
         cache_dir: on-disk embedding cache shared by all workers (and later runs).
         progress: show a tqdm bar on stderr.
         log: called with one line per failed row (default: stderr); None for silence.
-        fast: load the model with the opt-in speed-ups (``MedSAM.load(fast=True)``; ignored
-            when ``model`` is already loaded).
+        exact: load the model with the authors' pipeline end to end (``MedSAM.load(exact=True)``);
+            default: the fastest path that keeps the masks. Ignored when ``model`` is already loaded.
+        fast: accepted for compatibility, no effect (the fast path is the default).
 
     Raises:
         MedSAMError: the batch cannot start (prompts file, model, checkpoint, device, dask).
@@ -313,7 +315,7 @@ def run_batch(
             model_spec(model)
         if groups:
             cache = EmbeddingCache(max_bytes=_GROUP_CACHE_BYTES, disk_dir=cache_dir)
-            m = load_model(model, device, checkpoint, cache=cache, fast=fast)
+            m = load_model(model, device, checkpoint, cache=cache, exact=exact)
     else:
         if not isinstance(model, str):
             model = model.name  # workers load their own copy
@@ -349,7 +351,7 @@ def run_batch(
             finally:
                 m.cache = saved_cache
         elif client is not None:
-            _run_distributed(client, groups, out_dir, base, spec.name, device, checkpoint, cache_dir, report, fast)
+            _run_distributed(client, groups, out_dir, base, spec.name, device, checkpoint, cache_dir, report, exact)
     finally:
         bar.close()
         if client is not None:
@@ -362,14 +364,14 @@ def run_batch(
     return BatchResult(ordered, out_dir, summary, time.perf_counter() - t_start)
 
 
-def _run_distributed(client, groups, out_dir, base, model, device, checkpoint, cache_dir, report, fast=False) -> None:
+def _run_distributed(client, groups, out_dir, base, model, device, checkpoint, cache_dir, report, exact=False) -> None:
     """One task per image group; results reported as they complete."""
     from dask.distributed import as_completed
 
     out_abs = str(Path(out_dir).resolve())
     futures = {}
     for g in groups:
-        fut = client.submit(_run_group_task, g, out_abs, base, model, device, checkpoint, cache_dir, fast, pure=False)
+        fut = client.submit(_run_group_task, g, out_abs, base, model, device, checkpoint, cache_dir, exact, pure=False)
         futures[fut] = g
     for fut in as_completed(list(futures)):
         g = futures[fut]

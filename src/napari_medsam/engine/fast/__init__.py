@@ -1,0 +1,246 @@
+"""CPU speed-ups for LiteMedSAM that keep its masks: ``MedSAM.load(..., fast=...)``.
+
+:func:`accelerate` builds *separate* fast copies of the encoder / decoder and hangs
+them on the model as ``model.fast``; ``MedSAM.embed_rgb`` / ``MedSAM.predict`` use
+them only when that attribute is set. The shared weights are never changed.
+
+* encoders (:mod:`.encoders`, :mod:`.onnx`): TinyViT with BatchNorm folded and fused
+  attention, in channels-last order (``fused``), or that network exported once and
+  run by ONNX Runtime (``onnx``; falls back to ``fused`` where it cannot load);
+  segment-anything ViTs (MedSAM, SAM) get one fused attention kernel (``sdpa``);
+* decoder (:mod:`.decoder`, :mod:`.lowrank`): the prompt encoder + mask decoder for box
+  prompts with the per-image work cached, low-rank cross-attention, a chunked image
+  side, and only the needed window of the output upscaling (:mod:`.windows`).
+
+Every fast path is checked against the authors' path for mask agreement by
+``tests/test_fast.py`` and timed by ``benchmarks/speed.py``; what was measured, kept
+and not kept is in ``docs/benchmarks_speed.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .decoder import FILL_LOGIT, FusedDecoder, _ImageState
+from .encoders import (
+    ENCODERS,
+    VIT_MASK_ROWS,
+    ChannelsLast,
+    EncoderFn,
+    _sdpa_vit_attention_forward,
+    build_encoder,
+    fuse_tinyvit,
+    sdpa_vit,
+)
+from .onnx import OrtEncoder, _onnx_dir, _weights_digest, export_onnx, have_onnxruntime
+from .windows import (
+    GROW_MARGIN,
+    GROW_PAD_PX,
+    _pixel_span,
+    _source_span,
+    auto_window,
+    grow_box,
+    grown_region,
+    touches_border,
+    window_for,
+    window_pixels,
+)
+
+__all__ = [
+    "DECODERS",
+    "ENCODERS",
+    "FILL_LOGIT",
+    "GROW_MARGIN",
+    "GROW_PAD_PX",
+    "VIT_MASK_ROWS",
+    "Accelerator",
+    "ChannelsLast",
+    "FusedDecoder",
+    "OrtEncoder",
+    "_ImageState",
+    "_onnx_dir",
+    "_pixel_span",
+    "_sdpa_vit_attention_forward",
+    "_source_span",
+    "_weights_digest",
+    "accelerate",
+    "auto_window",
+    "build_encoder",
+    "export_onnx",
+    "fast_options",
+    "fuse_tinyvit",
+    "grow_box",
+    "grown_region",
+    "have_onnxruntime",
+    "sdpa_vit",
+    "touches_border",
+    "triton_blocked",
+    "window_for",
+    "window_pixels",
+]
+
+log = logging.getLogger(__name__)
+
+DECODERS = ("eager", "fused")
+
+
+@dataclass
+class Accelerator:
+    """Fast encoder/decoder for one :class:`MedSAM` (``model.fast``).
+
+    Attributes:
+        key_suffix: appended to cache keys of embeddings this accelerator makes, so a
+            shared cache never hands them to the authors' exact path (or the reverse).
+        fp16_embeddings: embeddings are stored as float16 (2.1 MB instead of 4.2 MB);
+            this model's only, whatever cache it shares.
+        decoder_threads: kept for compatibility; not applied per decode (torch's thread
+            count is process-wide state). A process that only decodes sets it once
+            (``engine.decoder_process``).
+    """
+
+    encoder_kind: str = "eager"
+    decoder_kind: str = "eager"
+    encoder: EncoderFn | None = None
+    decoder: FusedDecoder | None = None
+    auto_region: bool = True
+    margin: float = GROW_MARGIN
+    decoder_threads: int | None = 1
+    stats: dict[str, int] = field(default_factory=lambda: {"windowed": 0, "full": 0, "grown": 0})
+    key_suffix: str = ""
+    fp16_embeddings: bool = False
+
+    def describe(self) -> str:
+        return f"encoder={self.encoder_kind}, decoder={self.decoder_kind}, auto_region={self.auto_region}"
+
+    def decode(
+        self, model: Any, embedding: Any, box_t: torch.Tensor, region: tuple[int, int, int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masks, iou) exactly shaped like ``MedSAM.predict``'s, via the fused decoder.
+
+        Runs on the calling thread with torch's thread setting as it is.
+        """
+        assert self.decoder is not None, "decode() needs the fused decoder"
+        dec = self.decoder
+        recipe = model.recipe
+        st = dec.image_state(embedding.features, embedding.key)
+        resized, original = embedding.resized, embedding.original_size
+        if region is not None:
+            win = window_for(recipe, resized, original, region, st.grid)
+            logits, iou, _ = dec.logits(st, box_t, win)
+            self.stats["windowed"] += 1
+        elif self.auto_region and recipe.name == "litemedsam":
+            awin = auto_window(recipe, box_t, resized, st.grid, self.margin)
+            logits, iou, keys = dec.logits(st, box_t, awin)
+            s = recipe.input_size // st.grid[0]
+            if awin is not None and touches_border(logits, awin, resized, s):
+                logits, iou, _ = dec.logits(st, box_t, None, keys=keys)
+                self.stats["grown"] += 1
+            elif awin is not None:
+                self.stats["windowed"] += 1
+                # logits outside the window are FILL_LOGIT: only pixels reading the window can be set
+                y0, y1, x0, x1 = window_pixels(awin, s, resized, original)
+                masks = torch.zeros((logits.shape[0], *original), dtype=torch.bool)
+                masks[:, y0:y1, x0:x1] = recipe.postprocess(logits, resized, original, (y0, y1, x0, x1))
+                return masks, iou
+            else:
+                self.stats["full"] += 1
+        else:
+            logits, iou, _ = dec.logits(st, box_t, None)
+            self.stats["full"] += 1
+        return recipe.postprocess(logits, resized, original, region), iou
+
+
+def triton_blocked() -> bool:
+    """True when something (e.g. a GUI with an OpenGL context) has blocked importing triton."""
+    return "triton" in sys.modules and sys.modules["triton"] is None
+
+
+def accelerate(
+    model: Any,
+    encoder: str | None = "fused",
+    decoder: str | None = "fused",
+    auto_region: bool = True,
+    margin: float = GROW_MARGIN,
+    fp16_cache: bool = False,
+    decoder_threads: int | None = 1,
+) -> Accelerator | None:
+    """Attach fast paths to a loaded :class:`MedSAM` as ``model.fast`` and return them.
+
+    Args:
+        encoder: ``fused`` (default), ``onnx``, or ``None`` / ``eager`` (the authors' encoder).
+        decoder: ``fused`` (default) or ``None`` / ``eager``.
+        auto_region: full-size masks computed in the box grown by ``margin`` (see
+            :func:`.windows.grow_box`) unless the mask reaches that window's edge.
+        fp16_cache: this model's embeddings stored as float16 (2.1 MB instead of 4.2 MB
+            each, own cache-key suffix); a cache shared with other models is not changed.
+        decoder_threads: accepted for compatibility, not applied (see :class:`Accelerator`).
+
+    LiteMedSAM gets all of these on the CPU. MedSAM / SAM ViT encoders get one: every
+    attention layer runs as one ``scaled_dot_product_attention`` (any ``encoder`` other
+    than ``None``/``eager``; see :func:`sdpa_vit`); their decoder keeps the default path.
+    """
+    if model.name != "litemedsam":
+        if encoder in (None, "eager") or not sdpa_vit(model.module.image_encoder):
+            log.info("no fast path for %s with encoder=%r; it keeps the default path", model.name, encoder)
+            model.fast = None
+            return None
+        # ViT encoders (MedSAM, SAM): the fused attention kernel, on any device; no decoder change
+        model.fast = Accelerator("sdpa", "eager", None, None, auto_region=False, key_suffix=":sdpa")
+        return model.fast
+    if str(model.device) != "cpu":
+        log.info("fast paths target the CPU; %s keeps the default path on %s", model.name, model.device)
+        model.fast = None
+        return None
+    ek = encoder or "eager"
+    dk = decoder or "eager"
+    if dk not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    acc = Accelerator(
+        ek,
+        dk,
+        build_encoder(model, ek),
+        FusedDecoder(model.module) if dk == "fused" else None,
+        auto_region,
+        margin,
+        decoder_threads,
+    )
+    if ek == "onnx" and not isinstance(acc.encoder, OrtEncoder):
+        acc.encoder_kind = "fused"
+    if acc.encoder is not None:
+        # same embeddings to float rounding, but not bit-identical: a cache (in memory or a
+        # shared --cache-dir) never hands them to the authors' exact path, nor the reverse
+        acc.key_suffix = f":{acc.encoder_kind}"
+    if fp16_cache:
+        acc.fp16_embeddings = True
+        acc.key_suffix += ":fp16"
+    model.fast = acc
+    return acc
+
+
+def fast_options(fast: Any) -> dict[str, Any]:
+    """``MedSAM.load(fast=...)`` value -> keyword arguments of :func:`accelerate`.
+
+    ``True`` -> the measured winners (docs/benchmarks_speed.md): ONNX Runtime encoder
+    where it loads (else the fused PyTorch TinyViT), fused decoder with automatic
+    region, fp16 embeddings. A string names the encoder; a dict is passed through to
+    :func:`accelerate`.
+    """
+    winners: dict[str, Any] = {
+        "encoder": "onnx" if have_onnxruntime() else "fused",
+        "decoder": "fused",
+        "auto_region": True,
+        "decoder_threads": 1,
+        "fp16_cache": True,
+    }
+    if fast is True:
+        return winners
+    if isinstance(fast, str):
+        return {**winners, "encoder": fast}
+    if isinstance(fast, dict):
+        return dict(fast)
+    raise TypeError(f"fast must be True, an encoder name or a dict, got {fast!r}")
