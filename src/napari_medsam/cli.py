@@ -9,7 +9,6 @@ failed (they are listed on stderr and in ``summary.csv``), 0 otherwise.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import warnings
 from typing import List, Optional
@@ -29,10 +28,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _fast_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fast", action="store_true", help=(
-        "opt-in CPU speed-ups: fused decoder, ONNX Runtime encoder if napari-medsam[onnx] is installed "
-        "(else a fused PyTorch one); LiteMedSAM masks agree with the default's at mean Dice 0.9999 "
-        "(docs/benchmarks_speed.md). Default: the authors' exact numerics"))
+    p.add_argument("--exact", action="store_true", help=(
+        "the authors' pipeline end to end (their encoder and decoder numerics, no mask refinement). "
+        "Default: the fastest path that keeps the masks (ONNX Runtime or fused TinyViT encoder, fused decoder; "
+        "masks agree with --exact at mean Dice >= 0.999, docs/benchmarks_speed.md)"))
+    p.add_argument("--fast", action="store_true", help="no effect, kept for old scripts: the fast path is the default")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-dir", metavar="DIR", help="on-disk embedding cache shared by workers and later runs")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    pc = sub.add_parser("precompute", help="fill a disk embedding cache for a folder of images or a volume", description=(
+        "Run the image encoder once per 2D image and per volume slice of IMAGES and store the embeddings in "
+        "--cache-dir, so later `batch --cache-dir`, sessions and 3D propagation with that folder skip the encoder."))
+    pc.add_argument("images", help="folder of images, an image file or a volume (NIfTI, TIFF stack, DICOM folder)")
+    pc.add_argument("--cache-dir", required=True, metavar="DIR", help="disk embedding cache folder (created if missing)")
+    pc.add_argument("--modality", default="auto", help="auto, ct, mr, rgb, ultrasound, xray, ... (default auto)")
+    pc.add_argument("--window", metavar="L,W|PRESET", help="CT window 'level,width' or a preset")
+    pc.add_argument("--slice", type=int, metavar="Z", help="volumes: encode from this slice outward")
+    pc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(pc)
+    _fast_option(pc)
+
     sub.add_parser("models", help="list models and where their weights are (never downloads)")
 
     d = sub.add_parser("download", help="download and verify a model's weights (explicit; needs internet)")
@@ -101,7 +113,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
     modality, window = a.modality, a.window
     if a.channels:
         image, modality, window = _composed(image, a.channels, modality, window)
-    model = load_model(a.model, a.device, a.checkpoint, fast=a.fast)
+    model = load_model(a.model, a.device, a.checkpoint, exact=a.exact)
     seg = ImageSegmenter(model, image).segment(box, modality, window, a.slice, a.propagate, z_range)
     out = write_labels(a.output, seg.mask.astype("uint8"), like=image)
     iou = "" if seg.iou is None else f", predicted IoU {seg.iou:.3f}"
@@ -131,7 +143,7 @@ def cmd_batch(a: argparse.Namespace) -> int:
     res = run_batch(
         a.prompts, a.out_dir, model=a.model, device=a.device, checkpoint=a.checkpoint,
         workers=a.workers, scheduler=a.scheduler, cache_dir=a.cache_dir, progress=not a.no_progress,
-        fast=a.fast,
+        exact=a.exact,
     )
     print(f"{len(res.rows)} rows: {res.n_ok} ok, {res.n_failed} failed in {res.seconds:.1f} s; "
           f"masks in {res.out_dir}, summary {res.summary_path}")
@@ -175,6 +187,20 @@ def cmd_download(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_precompute(a: argparse.Namespace) -> int:
+    from .engine.precompute import precompute
+
+    res = precompute(
+        a.images, a.cache_dir, a.model, a.device, a.checkpoint, modality=a.modality, window=a.window,
+        start_slice=a.slice, exact=a.exact, progress=not a.no_progress,
+    )
+    for name, why in res.failed:
+        print(f"napari-medsam: {name}: {why}", file=sys.stderr)
+    print(f"{res.images} images, {res.planes} planes: {res.encoded} encoded, {res.cached} already cached, "
+          f"{len(res.failed)} failed in {res.seconds:.1f} s; cache {res.cache_dir}")
+    return 1 if res.failed else 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .engine.batch import run_demo
 
@@ -188,43 +214,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "download": cmd_download, "demo": cmd_demo}
-
-
-#: options whose value may start with a minus sign (a box left of the image, a negative CT level)
-NUMERIC_VALUE_OPTIONS = ("--box", "--z-range", "--window", "--slice", "--channels")
-
-
-def _negative_value(text: str) -> bool:
-    """``-5,0,10,10``, ``-600,1500``, ``-3``, ``-inf,...``: a value, not an option such as ``-o``."""
-    return text.startswith("-") and not text.startswith("--") and (
-        "," in text or re.match(r"^-\s*([\d.]|inf|nan)", text, re.IGNORECASE) is not None
-    )
-
-
-def join_negative_values(argv: List[str]) -> List[str]:
-    """``--box -5,0,10,10`` -> ``--box=-5,0,10,10``: argparse would read ``-5,...`` as an option."""
-    out: List[str] = []
-    i = 0
-    while i < len(argv):
-        tok = argv[i]
-        if tok == "--":
-            out.extend(argv[i:])
-            break
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if tok in NUMERIC_VALUE_OPTIONS and nxt is not None and _negative_value(nxt):
-            out.append(f"{tok}={nxt}")
-            i += 2
-            continue
-        out.append(tok)
-        i += 1
-    return out
+COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "download": cmd_download, "demo": cmd_demo, "precompute": cmd_precompute}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 some batch rows failed, 2 error)."""
     _quiet_third_party_warnings()
-    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
+    args = build_parser().parse_args(argv)
     from .engine.errors import MedSAMError
 
     try:
