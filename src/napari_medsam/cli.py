@@ -9,6 +9,7 @@ failed (they are listed on stderr and in ``summary.csv``), 0 otherwise.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from typing import List, Optional
@@ -217,10 +218,40 @@ def cmd_demo(a: argparse.Namespace) -> int:
 COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "download": cmd_download, "demo": cmd_demo, "precompute": cmd_precompute}
 
 
+#: options whose value may start with a minus sign (a box left of the image, a negative CT level)
+NUMERIC_VALUE_OPTIONS = ("--box", "--z-range", "--window", "--slice", "--channels")
+
+
+def _negative_value(text: str) -> bool:
+    """``-5,0,10,10``, ``-600,1500``, ``-3``, ``-inf,...``: a value, not an option such as ``-o``."""
+    return text.startswith("-") and not text.startswith("--") and (
+        "," in text or re.match(r"^-\s*([\d.]|inf|nan)", text, re.IGNORECASE) is not None
+    )
+
+
+def join_negative_values(argv: List[str]) -> List[str]:
+    """``--box -5,0,10,10`` -> ``--box=-5,0,10,10``: argparse would read ``-5,...`` as an option."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            out.extend(argv[i:])
+            break
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if tok in NUMERIC_VALUE_OPTIONS and nxt is not None and _negative_value(nxt):
+            out.append(f"{tok}={nxt}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 some batch rows failed, 2 error)."""
     _quiet_third_party_warnings()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     from .engine.errors import MedSAMError
 
     try:
