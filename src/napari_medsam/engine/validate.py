@@ -193,7 +193,7 @@ def box_array(boxes: Any) -> np.ndarray:
                 raise BoxError(f"box coordinates must be real numbers, got dtype {boxes.dtype}: {_show(boxes)}")
             items: Any = boxes.tolist()
         elif isinstance(boxes, Sequence):
-            items = boxes
+            items = list(boxes)
         elif hasattr(boxes, "__array__"):  # a tensor or another array type
             return box_array(np.asarray(boxes))
         else:
