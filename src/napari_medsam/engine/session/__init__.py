@@ -7,7 +7,7 @@ and the training-data export (:mod:`.export`).
 
 from napari_medsam.engine.errors import SessionError
 
-from .export import EXPORT_DIR, ExportResult, export_session
+from .export import EXPORT_DIR, ExportResult, export_session, iter_saved
 from .inputs import (
     CACHE_DIR,
     DONE,
@@ -39,7 +39,7 @@ from .records import (
     now_iso,
     package_version,
 )
-from .session import DEFAULT_CACHE_BYTES, ImageInfo, LabelingSession, iter_saved
+from .session import DEFAULT_CACHE_BYTES, ImageInfo, LabelingSession
 
 __all__ = [
     "CACHE_DIR",

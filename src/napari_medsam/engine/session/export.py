@@ -5,9 +5,12 @@ training data (``npz/`` files of the CVPR 2024 challenge, ``pre_CT_MR.py``):
 
 | key | content |
 |---|---|
-| ``imgs`` | uint8 as the model sees it, by the image's recorded intensity settings: 2D ``(H, W, 3)`` (gray repeated to 3 channels, alpha dropped), 3D ``(D, H, W)`` (whole-volume rule) |
+| ``imgs`` | uint8 as the model sees it (recorded intensity): 2D ``(H, W, 3)``, 3D ``(D, H, W)`` |
 | ``gts`` | the labels, ``uint8`` (ids <= 255) or ``uint16``, same spatial shape |
-| ``spacing`` | float64 pixel size in SimpleITK order ``(x, y[, z])`` as MedSAM's scripts store it; ones when the image has none |
+| ``spacing`` | float64 pixel size, SimpleITK order ``(x, y[, z])``; ones without a spacing |
+
+2D gray is repeated to 3 channels (alpha dropped); a volume uses the whole-volume
+intensity rule. The spacing order is the one MedSAM's scripts store.
 
 The CSV summary has one row per object (one row with no label for an image
 without objects): its pixel/voxel count and its area in mm^2 (2D) or volume in
@@ -19,23 +22,25 @@ from __future__ import annotations
 
 import csv
 import io as _stdio
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 
-from napari_medsam.engine.errors import ImageError
+from napari_medsam.engine.errors import ImageError, MedSAMError
 from napari_medsam.engine.intensity import resolve_modality, to_uint8
 from napari_medsam.engine.io import atomic_write_bytes, atomic_write_text
 
 from .inputs import DONE, IN_PROGRESS
 from .records import label_stats
-from .session import LabelingSession, iter_saved
+from .session import LabelingSession
 
 PathLike = Union[str, "os.PathLike[str]"]
+log = logging.getLogger(__name__)
 EXPORT_DIR = "export"
 SUMMARY_NAME = "summary.csv"
 SUMMARY_FIELDS = [
@@ -64,7 +69,7 @@ class ExportResult:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def model_input(array: np.ndarray, kind: str, modality: str = "auto", window=None) -> np.ndarray:
+def model_input(array: np.ndarray, kind: str, modality: str = "auto", window: Any = None) -> np.ndarray:
     """The uint8 image the model sees: 2D ``(H, W, 3)``, volume ``(D, H, W)``.
 
     Same rule as the plugin's encoder: the intensity rule is resolved and applied
@@ -90,7 +95,7 @@ def gts_dtype(labels: np.ndarray) -> np.ndarray:
     raise ImageError(f"label ids up to {hi} do not fit the uint16 of MedSAM's npz format")
 
 
-def _size_unit(ndim: int, spacing, spacing_unit: str | None):
+def _size_unit(ndim: int, spacing: Any, spacing_unit: str | None) -> tuple[float, str]:
     """(physical size of one pixel/voxel, unit name): mm2 / mm3, else px / voxels."""
     unit = spacing_unit or "mm"
     if spacing is None or unit == "pixel":
@@ -98,10 +103,18 @@ def _size_unit(ndim: int, spacing, spacing_unit: str | None):
     return float(np.prod(spacing)), f"{unit}{ndim}"
 
 
-def _npz_bytes(**arrays) -> bytes:
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
     buf = _stdio.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
+
+
+def iter_saved(session: LabelingSession, statuses: Iterable[str] = (IN_PROGRESS, DONE)) -> Iterable[int]:
+    """Indices of images with saved labels and one of ``statuses``."""
+    wanted = set(statuses)
+    for i, it in enumerate(session.items):
+        if it.status in wanted and session.labels_path(i).exists():
+            yield i
 
 
 def export_session(
@@ -151,7 +164,9 @@ def export_session(
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(target, _npz_bytes(imgs=imgs, gts=gts, spacing=sp_xyz))
             result.files.append(target)
-        except Exception as exc:  # one bad image does not stop the export
+        except Exception as exc:
+            if not isinstance(exc, (MedSAMError, OSError)):
+                log.warning("export of %s failed", item.name, exc_info=True)
             result.errors[item.name] = f"{type(exc).__name__}: {exc}"
             continue
         per, unit = _size_unit(ndim, spacing, img.meta.get("spacing_unit"))

@@ -171,7 +171,7 @@ def _make_items(entries: list[tuple[Path, str]]) -> list[SessionItem]:
     for s in stems:
         counts[s.lower()] = counts.get(s.lower(), 0) + 1
     items = []
-    for (p, name), stem in zip(entries, stems):
+    for (p, name), stem in zip(entries, stems, strict=True):
         if counts[stem.lower()] > 1:  # a.png and a.tif side by side: keep the suffix in the stem
             stem = stem + "_" + name[len(stem) :].lstrip(".").replace(".", "_")
         items.append(SessionItem(Path(p), name, stem))

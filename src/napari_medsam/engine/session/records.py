@@ -20,10 +20,10 @@ from napari_medsam.engine.errors import ImageError
 from napari_medsam.engine.intensity import parse_window
 from napari_medsam.engine.models import checkpoints
 from napari_medsam.engine.session.inputs import SessionItem, Status
-from napari_medsam.engine.session.store import ImageInfo
+from napari_medsam.engine.session.store import RECORD_FORMAT, ImageInfo
 
 PathLike = Union[str, "os.PathLike[str]"]
-SESSION_FORMAT, RECORD_FORMAT = "napari-medsam-session", "napari-medsam-record"
+SESSION_FORMAT = "napari-medsam-session"
 FORMAT_VERSION = 1
 
 
@@ -69,10 +69,10 @@ def checkpoint_sha256(path: PathLike | None) -> str | None:
 # ---------------------------------------------------------------------------
 # boxes <-> records
 # ---------------------------------------------------------------------------
-def box_from_vertices(vertices) -> tuple[int | None, list[float]]:
+def box_from_vertices(vertices: Any) -> tuple[int | None, list[float]]:
     """Rectangle vertices in data coords (..., row, col) -> (slice or None, [x0, y0, x1, y1])."""
     v = np.asarray(vertices, dtype=float)
-    lead = [int(round(c)) for c in v[0, :-2]]
+    lead = [round(float(c)) for c in v[0, :-2]]
     v = np.round(v, 3)
     rows, cols = v[:, -2], v[:, -1]
     box = [float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())]
@@ -86,7 +86,7 @@ def boxes_from_layer(data: Sequence, shape_types: Sequence[str], label_ids: Sequ
     same layer state back bit for bit (float64 survives JSON exactly).
     """
     out = []
-    for order, (verts, kind, label) in enumerate(zip(data, shape_types, label_ids)):
+    for order, (verts, kind, label) in enumerate(zip(data, shape_types, label_ids, strict=False)):
         z, box = box_from_vertices(verts)
         out.append(
             {
@@ -110,7 +110,7 @@ def layer_from_boxes(boxes: Sequence[dict[str, Any]]) -> tuple[list[np.ndarray],
     return data, types, labels
 
 
-def _json_window(window) -> list[float] | None:
+def _json_window(window: Any) -> list[float] | None:
     if window is None:
         return None
     if isinstance(window, str):
@@ -118,7 +118,7 @@ def _json_window(window) -> list[float] | None:
     return [float(v) for v in window]
 
 
-def _model_info(model) -> dict[str, Any]:
+def _model_info(model: Any) -> dict[str, Any]:
     """A MedSAM object or a dict with ``name`` / ``checkpoint`` -> the record's model entry."""
     if model is None:
         return {"name": None, "checkpoint": None, "checkpoint_sha256": None}
@@ -149,7 +149,7 @@ def label_stats(labels: np.ndarray) -> dict[int, dict[str, Any]]:
     slices = ndimage.find_objects(lab)
     return {
         int(i): {"pixels": int(counts[k]), "bbox": [[int(s.start), int(s.stop)] for s in slices[int(k) - 1]]}
-        for i, k in zip(ids, keys)
+        for i, k in zip(ids, keys, strict=True)
     }
 
 
@@ -235,3 +235,47 @@ def build_record(
         "modified": now_iso(),
         **rec_in,
     }
+
+
+def _box_of_object(labels: np.ndarray, label: int, bbox: list[list[int]]) -> list[list[float]]:
+    """Rectangle vertices around object ``label`` (3D: on its middle slice), as a box layer holds them."""
+    if labels.ndim == 3:
+        z = (bbox[0][0] + bbox[0][1] - 1) // 2
+        rows, cols = np.nonzero(labels[z] == label)
+        lead = [float(z)]
+        (r0, r1), (c0, c1) = (int(rows.min()), int(rows.max())), (int(cols.min()), int(cols.max()))
+    else:
+        lead = []
+        (r0, r1), (c0, c1) = (bbox[0][0], bbox[0][1] - 1), (bbox[1][0], bbox[1][1] - 1)
+    return [[*lead, float(r), float(c)] for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]
+
+
+def rebuild_from_labels(rec: dict[str, Any], labels: np.ndarray) -> tuple[int, int]:
+    """Make ``rec`` describe ``labels`` (the labels win): objects, hash and dtype from them.
+
+    Boxes whose label id is not in the labels are kept with ``"unmatched": true``; an
+    object without a box gets one around it, marked ``"recovered": true``. Returns
+    (boxes flagged, boxes recovered).
+    """
+    stats = label_stats(labels)
+    boxes = [{**b, "unmatched": True} if b["label"] not in stats else b for b in rec.get("boxes", [])]
+    have = {b["label"] for b in boxes}
+    recovered = []
+    for i, st in stats.items():
+        if i not in have:
+            verts = _box_of_object(labels, i, st["bbox"])
+            z, box = box_from_vertices(verts)
+            recovered.append({"label": i, "type": "rectangle", "slice": z, "box": box, "vertices": verts})
+    boxes += recovered
+    for order, b in enumerate(boxes):
+        b["order"] = order
+    rec.update(
+        boxes=boxes,
+        objects=build_objects(labels, boxes),
+        labels_hash=content_hash(labels),
+        labels_dtype=str(labels.dtype),
+        repaired=now_iso(),
+    )
+    for b in recovered:
+        b["recovered"] = True
+    return sum(bool(b.get("unmatched")) for b in boxes), len(recovered)

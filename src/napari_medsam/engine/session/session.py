@@ -13,20 +13,17 @@ current position, and writes everything into one output folder::
 suffix (``scans/a.png`` -> ``labels/scans/a.tif``). Every file is written
 atomically (temp file in the same folder, fsync, ``os.replace``): a crash or a
 kill leaves either the previous or the new complete version, never a torn one.
-Stray temp files of a killed process are removed when the session is opened
-again. Opening an existing output folder resumes the session.
-
-No Qt, no napari: usable from scripts and tests.
+Opening an existing output folder resumes the session: stray temp files of a
+killed process are removed, interrupted saves finished or undone (``store``).
+No Qt, no napari.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Union
 
@@ -34,8 +31,9 @@ import numpy as np
 
 from napari_medsam.engine.cache import EmbeddingCache
 from napari_medsam.engine.errors import ImageError, SessionError
-from napari_medsam.engine.io import ImageData, atomic_write_text, read_image, write_labels
+from napari_medsam.engine.io import ImageData, atomic_write_text, read_image
 
+from . import store
 from .inputs import (
     CACHE_DIR,
     DONE,
@@ -61,8 +59,9 @@ from .records import (
     layer_from_boxes,
     now_iso,
     package_version,
+    rebuild_from_labels,
 )
-from .store import ImageInfo, info_of, read_labels_file
+from .store import ImageInfo
 
 PathLike = Union[str, "os.PathLike[str]"]
 log = logging.getLogger(__name__)
@@ -70,9 +69,6 @@ DEFAULT_CACHE_BYTES = 2 << 30
 DEFAULT_MEMORY_CACHE_BYTES = 1 << 30
 
 
-# ---------------------------------------------------------------------------
-# the session
-# ---------------------------------------------------------------------------
 class LabelingSession:
     """A folder (or list file) of images annotated one after the other into ``output_dir``.
 
@@ -92,19 +88,17 @@ class LabelingSession:
         self.cache_max_bytes = int(cache_max_bytes)
         self._lock = threading.RLock()
         self._infos: dict[int, ImageInfo] = {}
-        self._cache = None
-        state = self._read_state()
-        if input is None:
-            if state is None or not state.get("input"):
-                raise SessionError(f"{self.output_dir} holds no session: give the input folder or list file")
-            input = state["input"]
-        self.input = Path(input).expanduser().resolve()
+        self._cache: EmbeddingCache | None = None
+        self.warnings: list[str] = []  # what the user should be told (records set aside, saves repaired)
+        state = self._read_state(input is not None)
+        if input is None and (state is None or not isinstance(state.get("input"), str) or not state["input"]):
+            raise SessionError(f"{self.output_dir} holds no session: give the input folder or list file")
+        source = input if input is not None else state["input"]  # type: ignore[index]
+        self.input = Path(source).expanduser().resolve()
         if not self.input.exists():
             raise SessionError(f"input {self.input} does not exist")
-        if self.input.is_dir():
-            entries = list_images(self.input, exclude=[self.output_dir])
-        else:
-            entries = read_list_file(self.input)
+        folder = self.input.is_dir()
+        entries = list_images(self.input, exclude=[self.output_dir]) if folder else read_list_file(self.input)
         if not entries:
             raise SessionError(f"{self.input}: no images found (supported: PNG, JPEG, BMP, TIFF, NIfTI, DICOM)")
         self.items = _make_items(entries)
@@ -112,34 +106,47 @@ class LabelingSession:
         self.position = 0
         self.created = now_iso()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._clean_temp_files()
+        store.clean_temp_files(self.output_dir, (LABELS_DIR, RECORDS_DIR, CACHE_DIR))
+        for it in self.items:  # finish or undo saves a kill interrupted, before anything reads the pairs
+            if done := store.settle_pair(self.output_dir / it.labels_name, self.output_dir / it.record_name):
+                self._warn(done)
         self._resume(state)
         self._write_state()
 
     @classmethod
-    def open(cls, output_dir: PathLike, input: PathLike | None = None, **kwargs) -> LabelingSession:
+    def open(cls, output_dir: PathLike, input: PathLike | None = None, **kwargs: Any) -> LabelingSession:
         """Open (resume) the session in ``output_dir``; ``input`` defaults to the one it was made from."""
         return cls(input, output_dir, **kwargs)
 
-    # -- state ------------------------------------------------------------------
     @property
     def session_path(self) -> Path:
         return self.output_dir / SESSION_FILE
 
-    def _read_state(self) -> dict[str, Any] | None:
+    def _warn(self, message: str) -> None:
+        log.warning("%s", message)
+        if message not in self.warnings:
+            self.warnings.append(message)
+
+    def _read_state(self, have_input: bool) -> dict[str, Any] | None:
+        """``session.json``; a damaged one is set aside when the input is known (statuses come from records)."""
         p = self.output_dir / SESSION_FILE
         if not p.exists():
             return None
         try:
-            state = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:  # cannot happen with atomic writes, unless edited by hand
-            raise SessionError(f"{p} is not a readable session file: {exc}") from exc
-        if state.get("format") != SESSION_FORMAT:
-            raise SessionError(f"{p} is not a napari-medsam session file")
-        return state
+            state, problem = store.read_json(p, SESSION_FORMAT)
+        except OSError as exc:
+            raise SessionError(f"cannot read the session file {p}: {exc}") from exc
+        if problem is None:
+            return state
+        if not have_input:
+            raise SessionError(f"{p} is not a usable session file ({problem}): give the input folder or list file")
+        aside = store.set_aside(p)
+        self._warn(f"{p.name} was damaged ({problem}); moved aside as {aside.name}, statuses rebuilt from records")
+        return None
 
     def _resume(self, state: dict[str, Any] | None) -> None:
-        statuses = (state or {}).get("statuses", {})
+        statuses = (state or {}).get("statuses")
+        statuses = statuses if isinstance(statuses, dict) else {}
         for i, it in enumerate(self.items):
             st = statuses.get(it.name, NOT_STARTED)
             it.status = Status(st) if isinstance(st, str) and st in STATUSES else NOT_STARTED
@@ -149,12 +156,12 @@ class LabelingSession:
                 if it.status == NOT_STARTED:
                     it.status = IN_PROGRESS
         if state:
-            self.created = state.get("created", self.created)
-            current = state.get("current")
-            if current in self._by_name:
+            created, current, position = state.get("created"), state.get("current"), state.get("position")
+            self.created = created if isinstance(created, str) else self.created
+            if isinstance(current, str) and current in self._by_name:
                 self.position = self._by_name[current]
-            else:
-                self.position = min(max(int(state.get("position", 0)), 0), len(self.items) - 1)
+            elif isinstance(position, int):
+                self.position = min(max(position, 0), len(self.items) - 1)
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -175,22 +182,6 @@ class LabelingSession:
         with self._lock:
             atomic_write_text(self.session_path, json.dumps(self._state(), indent=1))
 
-    def _clean_temp_files(self) -> None:
-        """Remove temp files a killed writer left behind (never a real output)."""
-        for folder in (
-            self.output_dir,
-            self.output_dir / LABELS_DIR,
-            self.output_dir / RECORDS_DIR,
-            self.output_dir / CACHE_DIR,
-        ):
-            if not folder.is_dir():
-                continue
-            pattern = "**/.*.tmp*" if folder.name in (LABELS_DIR, RECORDS_DIR) else ".*.tmp*"
-            for p in folder.glob(pattern):
-                if p.is_file() and (".tmp-" in p.name or p.name.endswith(".tmp")):
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-
     # -- listing and status -----------------------------------------------------
     def __len__(self) -> int:
         return len(self.items)
@@ -204,7 +195,7 @@ class LabelingSession:
         return sum(it.status == DONE for it in self.items)
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(STATUSES, 0)
+        out: dict[str, int] = dict.fromkeys(STATUSES, 0)
         for it in self.items:
             out[it.status] += 1
         return out
@@ -267,7 +258,7 @@ class LabelingSession:
         index = self._check(index)
         img = read_image(self.items[index].path)
         with self._lock:
-            self._infos[index] = info_of(img)
+            self._infos[index] = store.info_of(img)
         return img
 
     def info(self, index: int) -> ImageInfo:
@@ -315,40 +306,74 @@ class LabelingSession:
         rec_in = dict(record or {})
         boxes = [dict(b) for b in rec_in.pop("boxes", [])]
         with self._lock:
-            old = self.load_record(index)
+            old = self.load_record(index, strict=True)
             if status is None:
                 status = item.status if item.status != NOT_STARTED else IN_PROGRESS
             status = as_status(status)
             out = build_record(item, info, lab, boxes, rec_in, old, status)
-            write_labels(self.output_dir / item.labels_name, lab, like=info.like(str(item.path)))
-            atomic_write_text(self.output_dir / item.record_name, json.dumps(out, indent=1))
+            store.write_pair(self.labels_path(index), lab, info.like(str(item.path)), self.record_path(index), out)
             item.status = status
             self._write_state()
         return out
 
     # -- loading ----------------------------------------------------------------
-    def load_record(self, index: int) -> dict[str, Any] | None:
-        """The saved record of image ``index``, or None."""
+    def load_record(self, index: int, strict: bool = False) -> dict[str, Any] | None:
+        """The saved record of image ``index``, or None.
+
+        A record that is not JSON or does not meet the schema (see ``store.record_problem``)
+        is moved aside as ``<name>.json.corrupt-<UTC time>`` and reported in :attr:`warnings`;
+        then there is no record (None). A record that exists but cannot be read (permissions,
+        I/O error) is left alone: None, or :class:`SessionError` with ``strict`` (saving
+        then refuses to overwrite it).
+        """
         p = self.record_path(index)
-        if not p.exists():
-            return None
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable record %s: %s", p, exc)
+        with self._lock:
+            if not p.exists():
+                return None
+            try:
+                rec, problem = store.read_json(p)
+                problem = problem or store.record_problem(rec)
+            except OSError as exc:
+                msg = f"cannot read the record {p}: {exc}"
+                if strict:
+                    raise SessionError(f"{msg}; not overwriting it") from exc
+                self._warn(msg)
+                return None
+            if problem is None:
+                return rec
+            aside = store.set_aside(p)
+            self._warn(f"{self.items[index].name}: its record was unusable ({problem}); moved aside as {aside.name}")
             return None
 
     def load_labels(self, index: int) -> np.ndarray | None:
-        """The saved labels of image ``index`` (shape of the image), or None."""
+        """The saved labels of image ``index`` (shape of the image), or None.
+
+        The labels win over their record: when the record's ``labels_hash`` does not
+        match them, the record is rewritten to describe these labels (its boxes kept,
+        those whose label id is gone flagged ``"unmatched": true``) and a warning is added.
+        """
         p = self.labels_path(index)
         if not p.exists():
             return None
-        arr = read_labels_file(p)
-        rec = self.load_record(index)
-        shape = tuple(rec["shape"]) if rec and rec.get("shape") else None
-        if shape is not None and arr.shape != shape and arr.size == int(np.prod(shape)):
-            arr = arr.reshape(shape)  # e.g. a 1-slice volume
+        arr = store.read_labels_file(p)
+        with self._lock:
+            rec = self.load_record(index)
+            shape = tuple(rec["shape"]) if rec and rec.get("shape") else None
+            if shape is not None and arr.shape != shape and arr.size == int(np.prod(shape)):
+                arr = arr.reshape(shape)  # e.g. a 1-slice volume
+            if (
+                rec
+                and rec.get("labels_hash")
+                and store.labels_digest(arr, None, rec.get("labels_dtype")) != rec["labels_hash"]
+            ):
+                self._repair(index, rec, arr)
         return arr
+
+    def _repair(self, index: int, rec: dict[str, Any], labels: np.ndarray) -> None:
+        lost, found = rebuild_from_labels(rec, compact_labels(labels))
+        atomic_write_text(self.record_path(index), json.dumps(rec, indent=1))
+        what = f"{lost} box(es) without their object flagged 'unmatched', {found} box(es) recovered from the labels"
+        self._warn(f"{self.items[index].name}: its record was out of step with its labels; rebuilt from them ({what})")
 
     def layer_state(self, index: int) -> tuple[list[np.ndarray], list[str], np.ndarray]:
         """The box layer state (vertices, shape types, label ids) saved for image ``index``."""
@@ -360,7 +385,7 @@ class LabelingSession:
     def cache_dir(self) -> Path:
         return self.output_dir / CACHE_DIR
 
-    def embedding_cache(self, max_bytes: int = DEFAULT_MEMORY_CACHE_BYTES, fp16: bool = False):
+    def embedding_cache(self, max_bytes: int = DEFAULT_MEMORY_CACHE_BYTES, fp16: bool = False) -> EmbeddingCache:
         """The session's :class:`EmbeddingCache` (memory LRU + ``.embeddings`` on disk, size-capped)."""
         with self._lock:
             if self._cache is None:
@@ -370,12 +395,5 @@ class LabelingSession:
             return self._cache
 
     def __repr__(self) -> str:
-        return f"LabelingSession({str(self.input)!r}, {str(self.output_dir)!r}: {self.progress_text()}, at {self.position})"
-
-
-def iter_saved(session: LabelingSession, statuses: Iterable[str] = (IN_PROGRESS, DONE)) -> Iterable[int]:
-    """Indices of images with saved labels and one of ``statuses``."""
-    wanted = set(statuses)
-    for i, it in enumerate(session.items):
-        if it.status in wanted and session.labels_path(i).exists():
-            yield i
+        where = f"{str(self.input)!r}, {str(self.output_dir)!r}"
+        return f"LabelingSession({where}: {self.progress_text()}, at {self.position})"
