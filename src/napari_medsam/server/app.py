@@ -106,10 +106,8 @@ def create_app(service: WebService, decoder_path: Optional[Path] = None, token: 
 
     @app.get("/api/by-name")
     def by_name(name: str):
-        try:
-            return {"index": service.session.index_of(name)}
-        except KeyError:
-            return _error(404, f"{name!r} is not an image of this session")
+        i = service.index_of(name)
+        return _error(404, f"{name!r} is not an image of this session") if i is None else {"index": i}
 
     @app.post("/api/open/{i}")
     def open_image(i: int, request: Request):

@@ -14,7 +14,7 @@ import time
 import zlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -49,7 +49,14 @@ class WebService:
 
     # -- images -------------------------------------------------------------------
     def check_index(self, index: int) -> int:
-        return self.session._check(index)
+        index = int(index)
+        if not 0 <= index < len(self.session):
+            raise SessionError(f"image index {index} out of range 0..{len(self.session) - 1}")
+        return index
+
+    def index_of(self, name: str) -> Optional[int]:
+        """The index of the session image called ``name`` (its path relative to IMAGES), or None."""
+        return next((i for i, it in enumerate(self.session.items) if it.name == name), None)
 
     def image(self, index: int):
         index = self.check_index(index)
@@ -213,9 +220,17 @@ class WebService:
         intensity = {"modality": "ct" if window else "auto", "window": window}
         self.session.save(index, w.labels, {"boxes": w.boxes, "model": self.model, "intensity": intensity, "source": "web"}, status=status)
 
+    def check_box(self, index: int, box: Sequence[float]) -> List[float]:
+        """The box ordered and clipped to the image (the engine's rule); BoxError when it misses the image."""
+        from ..engine.validate import normalize_boxes
+
+        shape = self.info(index)["shape"][-2:]
+        return [float(v) for v in normalize_boxes(box, (int(shape[0]), int(shape[1])))[0]]
+
     def accept(self, index: int, client: str, box: Sequence[float], z: Optional[int] = None, window: Optional[str] = None) -> int:
         """Decode ``box`` with the engine's default path and save it as a new object; returns its id."""
         index, window = self.check_index(index), self.window_text(window)
+        box = self.check_box(index, box)
         self._writable(index, client)
         t0 = time.perf_counter()
         mask = self.accept_mask(index, z, window, box)
@@ -229,6 +244,7 @@ class WebService:
 
     def edit(self, index: int, client: str, label: int, box: Sequence[float], z: Optional[int] = None, window: Optional[str] = None) -> None:
         index, window = self.check_index(index), self.window_text(window)
+        box = self.check_box(index, box)
         self._writable(index, client)
         mask = self.accept_mask(index, z, window, box)
         with self._mu:

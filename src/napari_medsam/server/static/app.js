@@ -17,7 +17,7 @@
   const M = (window.medsam = {
     ready: false, readonly: false, busy: false, image: -1, slice: null, decoder: "loading", client: clientId,
     stats: { previews: 0, moves: 0, latency_ms: [], decode_ms: [], accepts: 0, accept_ms: [] },
-    imageToClient, clientToImage, resetStats, open: (i) => openImage(i), errors: [],
+    imageToClient, clientToImage, resetStats, open: (i) => openImage(i), errors: [], previewBits,
   });
 
   const S = {
@@ -247,6 +247,14 @@
       } catch (e) { fail(e); } finally { S.inflight = false; }
     }
     showStats();
+  }
+  function previewBits() {
+    // the preview on screen as packed bits (row-major, most significant bit first), base64: for tests
+    if (!S.previewShown || !S.previewData) return null;
+    const px = new Uint32Array(S.previewData.data.buffer), n = px.length, out = new Uint8Array((n + 7) >> 3);
+    for (let i = 0; i < n; i++) if (px[i]) out[i >> 3] |= 128 >> (i & 7);
+    let bin = ""; for (let i = 0; i < out.length; i += 8192) bin += String.fromCharCode.apply(null, out.subarray(i, i + 8192));
+    return btoa(bin);
   }
   function resetStats() { M.stats = { previews: 0, moves: 0, latency_ms: [], decode_ms: [], accepts: 0, accept_ms: [] }; showStats(); }
   function pct(a, p) { if (!a.length) return NaN; const s = [...a].sort((x, y) => x - y); return s[Math.min(s.length - 1, Math.floor(p * s.length))]; }
