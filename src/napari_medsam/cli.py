@@ -72,6 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-dir", metavar="DIR", help="on-disk embedding cache shared by workers and later runs")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    w = sub.add_parser("serve", help="serve the labeling session of a folder to web browsers", description=(
+        "Serve the labeling session of IMAGES (labels, records, autosave, resume in OUT) to any browser; "
+        "the mask follows the box while it is dragged (docs/web.md)."))
+    w.add_argument("images", help="folder of images (or a list file), as for the napari session")
+    w.add_argument("--out", required=True, metavar="OUT", help="session folder: labels/, records/, session.json")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others require a token)")
+    w.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    w.add_argument("--token", help="access token (default: none on 127.0.0.1, generated and printed otherwise)")
+    _model_options(w)
+
     pc = sub.add_parser("precompute", help="fill a disk embedding cache for a folder of images or a volume", description=(
         "Run the image encoder once per 2D image and per volume slice of IMAGES and store the embeddings in "
         "--cache-dir, so later `batch --cache-dir`, sessions and 3D propagation with that folder skip the encoder."))
@@ -188,6 +198,12 @@ def cmd_download(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .server.serve import serve
+
+    return serve(a.images, a.out, a.host, a.port, a.model, a.device, a.checkpoint, a.token)
+
+
 def cmd_precompute(a: argparse.Namespace) -> int:
     from .engine.precompute import precompute
 
@@ -215,7 +231,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "download": cmd_download, "demo": cmd_demo, "precompute": cmd_precompute}
+COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "download": cmd_download, "demo": cmd_demo, "precompute": cmd_precompute, "serve": cmd_serve}
 
 
 #: options whose value may start with a minus sign (a box left of the image, a negative CT level)
