@@ -47,9 +47,14 @@ def drag(viewer, layer, start, end, steps: int = 10, wait_ms: float = 16, path=N
     p0 = data_to_canvas(viewer, layer, *start)
     scene.events.mouse_press(pos=p0, modifiers=(), button=1)
     press = MouseEvent(pos=p0, type="mouse_press", button=1)
-    points = path if path is not None else [
-        (start[0] + (end[0] - start[0]) * t, start[1] + (end[1] - start[1]) * t) for t in np.linspace(0, 1, steps + 1)[1:]
-    ]
+    points = (
+        path
+        if path is not None
+        else [
+            (start[0] + (end[0] - start[0]) * t, start[1] + (end[1] - start[1]) * t)
+            for t in np.linspace(0, 1, steps + 1)[1:]
+        ]
+    )
     pos = p0
     for i, (r, c) in enumerate(points):
         pos = data_to_canvas(viewer, layer, r, c)

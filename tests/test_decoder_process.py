@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from napari_medsam import MedSAM
-from napari_medsam._live import PREVIEW_FAST, preview_region
+from napari_medsam._annotator.decoding import preview_region
+from napari_medsam._annotator.options import PREVIEW_FAST
 from napari_medsam.engine.decoder_process import DecoderProcess, DecoderUnavailable
 from napari_medsam.engine.evaluation import load_cases
 

@@ -5,7 +5,7 @@ Run under an X server with OpenGL (``xvfb-run -a pytest`` or pytest-xvfb).
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 
 import numpy as np
 import pytest
@@ -13,20 +13,20 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from _data import read_gray  # noqa: E402
-from _gui import drag, pump  # noqa: E402
-
-from napari_medsam._controller import BOXES, LABELS, PREVIEW  # noqa: E402
-from napari_medsam._widget import MedSAMWidget  # noqa: E402
-from napari_medsam.engine.evaluation import dice, load_cases  # noqa: E402
-from napari_medsam.engine.io import read_image  # noqa: E402
+from _data import read_gray
+from _gui import drag, pump
+from napari_medsam._annotator.constants import BOXES, LABELS, PREVIEW
+from napari_medsam._widget import MedSAMWidget
+from napari_medsam.engine.evaluation import dice, load_cases
+from napari_medsam.engine.io import read_image
 
 pytestmark = pytest.mark.gui
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "images"
 
 
 def _ready(qtbot, widget, timeout=180):
-    qtbot.waitUntil(lambda: widget.controller is not None and widget.controller.image is not None, timeout=timeout * 1000)
+    qtbot.waitUntil(
+        lambda: widget.controller is not None and widget.controller.image is not None, timeout=timeout * 1000
+    )
     c = widget.controller
     fut = c.encoder.request(c.current_index())
     qtbot.waitUntil(fut.done, timeout=timeout * 1000)
@@ -125,7 +125,6 @@ def test_rgb_sample_with_scale_and_translate(viewer_with, qtbot, samples, tmp_pa
     assert c.labels.data.shape == img.shape[:2]
     _draw(qtbot, viewer, widget, case.box)
     assert dice(c.labels.data == 1, case.ground_truth()) > 0.85
-    DOCS.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(tmp_path / "rgb.png"), canvas_only=False)
 
 
@@ -165,18 +164,6 @@ def test_missing_checkpoint_is_a_notification_not_a_crash(make_napari_viewer, qt
     widget.last_error = None
     widget.start()
     qtbot.waitUntil(lambda: widget.last_error is not None or "error" in widget.status.text(), timeout=60_000)
-
-
-def test_screenshot_for_readme(viewer_with, qtbot, samples):
-    """The README's screenshot, taken from the real viewer with a mask accepted and one previewing."""
-    case = next(c for c in load_cases(samples) if c.image.name == "busi_malignant_1.png")
-    img = read_image(case.image).array
-    viewer, layer, widget, c = viewer_with(img, name="breast ultrasound")
-    _draw(qtbot, viewer, widget, case.box)
-    assert dice(c.labels.data == 1, case.ground_truth()) > 0.85
-    DOCS.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(DOCS / "widget.png"), canvas_only=False)
-    assert (DOCS / "widget.png").stat().st_size > 10_000
 
 
 def test_propagate_drawn_box_through_volume(viewer_with, qtbot, samples):
@@ -273,3 +260,81 @@ def test_previews_decode_in_child_process_and_survive_its_death(viewer_with, qtb
     assert c.stats["preview_updates"] > before, "previews go on without the child"
     assert c.remote.answered == answered and not c.remote.ready
     assert dice(c.labels.data > 0, case.ground_truth()) > 0.85
+
+
+def test_box_storm_while_encoding_keeps_accepts_in_order(viewer_with, qtbot, samples):
+    """Issue 12, defect 4, in the viewer: 1000 box events (previews, and an accept at the end of each
+    box's drag) arrive while the plane is still encoding. Every accept is applied once, in order
+    (box k gets label k + 1), and the preview ends as the mask of the last box (a late accept must
+    not clear the preview of the drag in progress)."""
+    from napari_medsam._annotator.decoding import preview_region
+
+    case = next(c for c in load_cases(samples) if c.image.name == "busi_malignant_1.png")
+    gray = read_gray(case.image)
+    viewer, layer, widget, c = viewer_with(gray, name="ultrasound")
+    x0, y0, x1, y1 = case.box
+    rects = [np.array([[y0 + k, x0 + k], [y1 - k, x1 - k]], float) for k in range(20)]
+    c.boxes.add(rects, shape_type="rectangle")
+    c.set_intensity("mr")  # a new intensity rule: the plane is encoding again
+    pending = c.encoder.request(())
+    assert not pending.done()
+    for i in range(1000):
+        shape = min(i // 50, 19)
+        c.preview_shape(shape)
+        if i % 50 == 49 and shape < 19:
+            c.accept_shape(shape)
+    assert not pending.done(), "the storm came while the plane was encoding"
+    settled = c.settled()
+    qtbot.waitUntil(settled.done, timeout=300_000)
+    assert c.stats["accepts"] == 19 and c.next_label == 20, "each accept applied exactly once"
+    assert c.boxes.features["label"].tolist() == [*range(1, 20), 0], "accepts applied in order"
+    emb = pending.result()
+    first = c.model.predict(emb, case.box, exact=True)
+    np.testing.assert_array_equal(c.labels.data == 1, first.masks[0])
+    last_box = (x0 + 19, y0 + 19, x1 - 19, y1 - 19)
+    region = preview_region(last_box, gray.shape)
+    want = np.zeros(gray.shape, bool)
+    ry0, ry1, rx0, rx1 = region
+    want[ry0:ry1, rx0:rx1] = c.model.predict(emb, last_box, region=region).masks[0]
+    np.testing.assert_array_equal(c.preview.data > 0, want)
+
+
+def test_propagation_segments_the_volume_it_started_on(viewer_with, qtbot, samples):
+    """Hazard: the propagation worker read the encoder's source after it started, so an intensity (or
+    image) change right after Shift+P made it segment with the new setting."""
+    case = next(c for c in load_cases(samples) if c.image.name == "pyradiomics_brain1.nii.gz")
+    vol = read_image(case.image)
+    viewer, layer, widget, c = viewer_with(vol.array, name="MR", scale=vol.spacing)
+    viewer.dims.set_point(0, case.key_slice * vol.spacing[0])
+    pump(50)
+    qtbot.waitUntil(c.encoder.request((case.key_slice,)).done, timeout=120_000)
+    _draw(qtbot, viewer, widget, case.box)
+    modality = c.modality
+    c.boxes.selected_data = {0}
+    c.propagate_selected()
+    c.set_intensity("ct", (-1000.0, 50.0))  # the GUI thread changes the rule at once
+    qtbot.waitUntil(lambda: c.propagation.done.is_set(), timeout=600_000)
+    assert c.propagation.error is None
+    direct = c.model.segment_volume(vol.array, case.box, case.key_slice, modality=modality)
+    assert dice(c.labels.data == 1, direct) > 0.99, "the volume as it was when propagation started"
+
+
+def test_close_returns_at_once_and_makes_one_exit_handler(viewer_with, qtbot, samples):
+    """Hazards: close() joined the workers from the GUI thread (up to a minute per thread), and each
+    annotator registered its own atexit handler."""
+    import atexit
+
+    from napari_medsam._annotator.annotator import BoxAnnotator
+
+    case = next(c for c in load_cases(samples) if c.image.name == "busi_malignant_1.png")
+    viewer, layer, widget, c = viewer_with(read_gray(case.image), name="us")
+    before = atexit._ncallbacks()
+    extra = [BoxAnnotator(viewer, c.model) for _ in range(3)]
+    assert atexit._ncallbacks() == before
+    c.set_intensity("mr")  # an encode is running
+    t0 = time.perf_counter()
+    c.close()
+    for a in extra:
+        a.close()
+    assert time.perf_counter() - t0 < 0.5, "closing does not wait for a forward pass"
+    assert c.encoder.join(120) and c.decoder.join(120)

@@ -26,7 +26,7 @@ def test_nifti_reader_gives_zyx_and_spacing_as_scale(samples):
     path = samples / "totalseg_ct.nii.gz"
     reader = napari_get_reader(str(path))
     assert reader is not None
-    (data, kwargs, kind), = reader(str(path))
+    ((data, kwargs, kind),) = reader(str(path))
     import nibabel as nib
 
     raw = nib.load(path)
@@ -43,7 +43,9 @@ def test_nifti_writer_keeps_affine_and_big_ids(samples, tmp_path):
     src = read_image(samples / "totalseg_ct.nii.gz")
     labels = np.zeros(src.array.shape, np.uint32)
     labels[10, 20:30, 40:50] = 300  # ids above 255 survive
-    out = write_labels_layer(str(tmp_path / "labels.nii.gz"), labels, {"metadata": {"affine": src.affine}, "scale": src.spacing})
+    out = write_labels_layer(
+        str(tmp_path / "labels.nii.gz"), labels, {"metadata": {"affine": src.affine}, "scale": src.spacing}
+    )
     back = read_image(out[0])
     np.testing.assert_array_equal(back.array, labels)
     np.testing.assert_allclose(back.affine, src.affine)
@@ -58,5 +60,5 @@ def test_tiff_writer(tmp_path):
 
 @pytest.mark.parametrize("name", ["ct_volume", "mr_volume", "dermoscopy", "ultrasound", "microscopy"])
 def test_sample_data(name):
-    (data, kwargs, kind), = getattr(_sample_data, name)()
+    ((data, kwargs, kind),) = getattr(_sample_data, name)()
     assert kind == "image" and data.ndim in (2, 3) and data.size > 1000

@@ -1,6 +1,7 @@
 """The "MedSAM session" dock widget with a real viewer, the real model and real mouse events.
 
-Run under an X server with OpenGL: ``xvfb-run -a -s "-screen 0 1600x1000x24" python -m pytest tests/test_session_gui.py``.
+Run under an X server with OpenGL:
+``xvfb-run -a -s "-screen 0 1600x1000x24" python -m pytest tests/test_session_gui.py``.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from _gui import drag, pump  # noqa: E402
-
-from napari_medsam._controller import BOXES, LABELS  # noqa: E402
-from napari_medsam._session_widget import SessionWidget  # noqa: E402
-from napari_medsam._widget import MedSAMWidget  # noqa: E402
-from napari_medsam.engine.evaluation import load_cases  # noqa: E402
-from napari_medsam.engine.session import DONE, IN_PROGRESS, NOT_STARTED  # noqa: E402
+from _gui import drag, pump
+from napari_medsam._annotator.constants import BOXES, LABELS
+from napari_medsam._session_widget import SessionWidget
+from napari_medsam._widget import MedSAMWidget
+from napari_medsam.engine.evaluation import load_cases
+from napari_medsam.engine.session import DONE, IN_PROGRESS, NOT_STARTED
 
 pytestmark = pytest.mark.gui
 IMAGES = ["amos_0004_75.png", "amos_0006_90.png", "s0114_111.png"]  # CT slices, sorted as the session lists them
@@ -69,7 +69,7 @@ def _state(viewer):
 def _same(a, b):
     np.testing.assert_array_equal(a[0], b[0])
     assert len(a[1]) == len(b[1])
-    for u, v in zip(a[1], b[1]):
+    for u, v in zip(a[1], b[1], strict=True):
         np.testing.assert_array_equal(u, v)
         assert u.dtype == v.dtype
     assert a[2:] == b[2:]
@@ -149,3 +149,41 @@ def test_session_widget_navigate_autosave_resume(make_napari_viewer, qtbot, shar
     assert c2.model.cache.disk_hits >= 1, "embeddings come back from OUT/.embeddings"
     sw2.next_btn.click()
     _same(_state(viewer2), second)
+
+
+def _click_later(button):
+    """Post a real press/release pair on ``button`` (handled whenever the event loop runs)."""
+    from qtpy.QtCore import QEvent, QPointF, Qt
+    from qtpy.QtGui import QMouseEvent
+    from qtpy.QtWidgets import QApplication
+
+    p = QPointF(button.width() / 2, button.height() / 2)
+    g = QPointF(button.mapToGlobal(p.toPoint()))
+    for kind in (QEvent.Type.MouseButtonPress, QEvent.Type.MouseButtonRelease):
+        event = QMouseEvent(
+            kind, p, g, Qt.MouseButton.LeftButton, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+        )
+        QApplication.postEvent(button, event)
+
+
+def test_settle_lands_the_accept_and_handles_no_click_meanwhile(make_napari_viewer, qtbot, shared_data, tmp_path):
+    """Hazard: _settle spun processEvents, so a click arriving while an accept was in flight ran in the
+    middle of the image switch. Now the wait delivers the workers' results only; the click runs after."""
+    cases = [c for c in load_cases(shared_data, dims=2) if c.case.startswith("ct2d_sammed2d_demo/")]
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in IMAGES[:2]:
+        shutil.copy(shared_data / "ct2d_sammed2d_demo" / "images" / name, src / name)
+    viewer, sw = _open(make_napari_viewer, qtbot, src, tmp_path / "out")
+    c = _ready(qtbot, sw)
+    box = next(x.box for x in cases if x.image.name == IMAGES[0])
+    x0, y0, x1, y1 = box
+    n = c.stats["accepts"]
+    drag(viewer, viewer.layers[sw.image_layer.name], (y0, x0), (y1, x1), steps=6)  # released: accept in flight
+    _click_later(sw.next_btn)
+    assert sw._settle()
+    assert c.stats["accepts"] == n + 1, "the accept in flight landed during the wait"
+    assert sw.index == 0, "the click was not handled in the middle of the wait"
+    qtbot.waitUntil(lambda: sw.index == 1, timeout=60_000)  # it is handled afterwards
+    rec = json.loads((tmp_path / "out" / "records" / "amos_0004_75.json").read_text())
+    assert [o["label"] for o in rec["objects"]] == [1], "the accepted object was saved before the switch"

@@ -11,36 +11,24 @@ edits are saved a second after the last stroke and on every image change.
 
 from __future__ import annotations
 
-import threading
-import time
+import contextlib
+import logging
+import sys
 from pathlib import Path
-from typing import Callable, Dict, Optional
 
 import numpy as np
-from napari.layers import Labels, Shapes
 from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
-from qtpy.QtGui import QColor
-from qtpy.QtWidgets import (
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QLineEdit,
-    QListWidget,
-    QListWidgetItem,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
 
-from ._controller import BOXES, LABELS, PREVIEW
-from ._history import History
-from .engine.session import DONE, IN_PROGRESS, NOT_STARTED, SKIPPED, LabelingSession, boxes_from_layer  # noqa: F401
+from ._annotator.constants import BOXES, LABELS, PREVIEW, SETTLE_TIMEOUT_S
+from ._annotator.history import History
+from ._annotator.layers import make_boxes_layer, make_labels_layer
+from ._annotator.saver import Saver
+from ._session_ui import STATUS_COLORS, STATUS_MARKS, SessionControls, wait_without_input  # noqa: F401
+from ._widget import MedSAMWidget, widget_deleted
+from .engine.session import DONE, NOT_STARTED, SKIPPED, LabelingSession, boxes_from_layer
 
-STATUS_COLORS = {NOT_STARTED: "#a0a0a0", IN_PROGRESS: "#e0b040", DONE: "#50c050", SKIPPED: "#c06060"}
-STATUS_MARKS = {NOT_STARTED: "\u2022", IN_PROGRESS: "\u270e", DONE: "\u2713", SKIPPED: "\u2013"}
+log = logging.getLogger(__name__)
 
 
 def _unwrap(obj):
@@ -50,8 +38,6 @@ def _unwrap(obj):
 
 def find_main_widget(viewer):
     """The MedSAM dock widget of ``viewer``'s window; opened there if missing."""
-    from ._widget import MedSAMWidget
-
     for w in viewer.window.dock_widgets.values():
         w = getattr(w, "native", w)
         if isinstance(w, MedSAMWidget):
@@ -59,7 +45,8 @@ def find_main_widget(viewer):
     try:
         _, w = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
         return w
-    except Exception:  # plugin not registered (source tree): dock one directly
+    except Exception:  # plugin not registered (source tree): dock one directly, and say why
+        log.warning("the MedSAM dock widget is not registered with napari; docking it directly", exc_info=True)
         w = MedSAMWidget(viewer)
         viewer.window.add_dock_widget(w, name="MedSAM")
         return w
@@ -69,111 +56,25 @@ class _Signals(QObject):
     saved = Signal(object)  # (index, record) or (index, exception)
 
 
-class _Saver:
-    """One background writer thread; per image only the latest pending save runs."""
-
-    def __init__(self, done: Callable[[int, object], None]):
-        self._done = done
-        self._cv = threading.Condition()
-        self._jobs: Dict[int, Callable[[], object]] = {}
-        self._busy = False
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="medsam-session-save", daemon=True)
-        self._thread.start()
-
-    def submit(self, index: int, job: Callable[[], object]) -> None:
-        with self._cv:
-            self._jobs.pop(index, None)
-            self._jobs[index] = job
-            self._cv.notify_all()
-
-    def flush(self, timeout: float = 120.0) -> bool:
-        """Wait until every pending save has been written."""
-        with self._cv:
-            return self._cv.wait_for(lambda: not self._jobs and not self._busy, timeout)
-
-    def stop(self) -> None:
-        self.flush()
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._jobs or self._stop)
-                if self._stop and not self._jobs:
-                    return
-                index = next(iter(self._jobs))
-                job = self._jobs.pop(index)
-                self._busy = True
-            try:
-                result = job()
-            except Exception as exc:  # reported in the GUI thread
-                result = exc
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
-            self._done(index, result)
-
-
-class SessionWidget(QWidget):
+class SessionWidget(SessionControls):
     """Dock widget: open a folder, go through its images, mark them done or skipped."""
 
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self.session: Optional[LabelingSession] = None
-        self.index: Optional[int] = None  # image on screen
+        self.session: LabelingSession | None = None
+        self.index: int | None = None  # image on screen
         self.image_layer = None
         self.main = None
-        self.last_error: Optional[str] = None
+        self.last_error: str | None = None
         self._dirty = False
         self._switching = False
         self._signals = _Signals()
         self._signals.saved.connect(self._on_saved)
-        self._saver = _Saver(lambda i, r: self._signals.saved.emit((i, r)))
+        self._saver = self._new_saver()
         self._paint_timer = QTimer(self, singleShot=True, interval=1000)
         self._paint_timer.timeout.connect(lambda: self.save_current(background=True))
-
-        self.input_edit = QLineEdit(placeholderText="image folder or list file", toolTip="Folder of images (PNG/JPG/TIFF/NIfTI/DICOM folders) or a text file listing them")
-        in_btn = QPushButton("...", toolTip="Choose the image folder")
-        in_btn.clicked.connect(self._browse_input)
-        self.output_edit = QLineEdit(placeholderText="output folder (default: <input>-medsam)", toolTip="Labels, records and session.json go here; an existing session is resumed")
-        out_btn = QPushButton("...", toolTip="Choose the output folder")
-        out_btn.clicked.connect(self._browse_output)
-        self.open_btn = QPushButton("Open session", toolTip="List the images and resume where the output folder left off")
-        self.prev_btn = QPushButton("\u25c0 Previous", toolTip="Save and go to the previous image")
-        self.next_btn = QPushButton("Next \u25b6", toolTip="Save and go to the next image")
-        self.jump_spin = QSpinBox(minimum=1, maximum=1, toolTip="Image number")
-        self.jump_btn = QPushButton("Go", toolTip="Save and go to the image number on the left")
-        self.done_btn = QPushButton("Mark done", toolTip="Save, mark this image done and go to the next one")
-        self.skip_btn = QPushButton("Skip", toolTip="Mark this image skipped (left out of the export) and go to the next one")
-        self.progress = QLabel("no session")
-        self.list = QListWidget(toolTip="Images and their status; click one to go there")
-        self.status = QLabel("", wordWrap=True)
-
-        form = QFormLayout()
-        for label, edit, btn in (("images", self.input_edit, in_btn), ("output", self.output_edit, out_btn)):
-            row = QHBoxLayout()
-            row.addWidget(edit)
-            row.addWidget(btn)
-            form.addRow(label, row)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addWidget(self.open_btn)
-        nav = QHBoxLayout()
-        for w in (self.prev_btn, self.next_btn, self.jump_spin, self.jump_btn):
-            nav.addWidget(w)
-        layout.addLayout(nav)
-        mark = QHBoxLayout()
-        mark.addWidget(self.done_btn)
-        mark.addWidget(self.skip_btn)
-        layout.addLayout(mark)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.list)
-        layout.addWidget(self.status)
-
+        self.build_controls()
         self.open_btn.clicked.connect(lambda: self.open_session())
         self.prev_btn.clicked.connect(self.previous)
         self.next_btn.clicked.connect(self.next)
@@ -183,27 +84,14 @@ class SessionWidget(QWidget):
         self.list.itemClicked.connect(lambda item: self.go(self.list.row(item)))
         self._enable(False)
 
-    # -- helpers ------------------------------------------------------------------
-    def _browse_input(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Image folder", self.input_edit.text())
-        if path:
-            self.input_edit.setText(path)
-
-    def _browse_output(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Output folder", self.output_edit.text())
-        if path:
-            self.output_edit.setText(path)
-
-    def _enable(self, on: bool) -> None:
-        for w in (self.prev_btn, self.next_btn, self.jump_spin, self.jump_btn, self.done_btn, self.skip_btn):
-            w.setEnabled(on)
+    def _new_saver(self) -> Saver:
+        return Saver(lambda i, r: self._signals.saved.emit((i, r)))
 
     def _error(self, text: str) -> None:
         self.last_error = text
-        try:
+        log.warning("MedSAM session: %s", text, exc_info=sys.exc_info()[0] is not None)
+        if not widget_deleted(self.status):
             self.status.setText(f"error: {text}")
-        except RuntimeError:  # the widget is being deleted
-            pass
         show_error(f"MedSAM session: {text}")
 
     @property
@@ -218,21 +106,23 @@ class SessionWidget(QWidget):
         return None
 
     # -- session --------------------------------------------------------------------
-    def open_session(self, input: Optional[str] = None, output: Optional[str] = None) -> Optional[LabelingSession]:
+    def open_session(self, images: str | None = None, output: str | None = None) -> LabelingSession | None:
         """Open (or resume) a session from the line edits (or the arguments) and show its current image."""
-        input = (input if input is not None else self.input_edit.text()).strip() or None
+        images = (images if images is not None else self.input_edit.text()).strip() or None
         output = (output if output is not None else self.output_edit.text()).strip() or None
         if output is None:
-            if input is None:
+            if images is None:
                 self._error("choose an image folder (or an output folder holding a session)")
                 return None
-            p = Path(input).expanduser()
+            p = Path(images).expanduser()
             output = str(p.parent / f"{p.stem if p.is_file() else p.name}-medsam")
             self.output_edit.setText(output)
         self.close_session()
+        if self._saver.stopped:
+            self._saver = self._new_saver()
         try:
-            session = LabelingSession(input, output)
-        except Exception as exc:
+            session = LabelingSession(images, output)
+        except Exception as exc:  # noqa: BLE001 (shown to the user; traceback logged by _error)
             self._error(str(exc))
             return None
         self.session = session
@@ -255,7 +145,7 @@ class SessionWidget(QWidget):
         try:
             self._settle()
             self.save_current()
-        except Exception as exc:  # e.g. the viewer is already gone
+        except Exception as exc:  # noqa: BLE001 (e.g. the viewer is already gone; shown and logged)
             self._error(f"could not save on close: {exc}")
         self._saver.flush()
         c = self.controller
@@ -263,10 +153,8 @@ class SessionWidget(QWidget):
             c.on_change.remove(self._on_change)
         if self.main is not None:
             for slot in (self._on_model_loaded, self._use_session_cache):
-                try:
+                with contextlib.suppress(TypeError, RuntimeError):  # not connected, or the widget is gone
                     self.main._loader.loaded.disconnect(slot)
-                except (TypeError, RuntimeError):
-                    pass
         self.session = None
         self.index = None
         self._enable(False)
@@ -305,21 +193,22 @@ class SessionWidget(QWidget):
         finally:
             self._switching = False
 
-    def _settle(self, timeout: float = 60.0) -> None:
-        """Let an accept in flight land and stop a running propagation before the layers go."""
+    def _settle(self, timeout: float = SETTLE_TIMEOUT_S) -> bool:
+        """Let an accept in flight land and stop a running propagation before the layers go.
+
+        Waits in a local event loop that delivers the workers' results but no user
+        input (a click during the wait is handled after it), until the annotator's
+        :meth:`~napari_medsam._annotator.annotator.BoxAnnotator.settled` future resolves.
+        False if it timed out.
+        """
         c = self._attached()
         if c is None:
-            return
-        from qtpy.QtWidgets import QApplication
-
-        prop = c.propagation
-        if prop is not None and not prop.done.is_set():
-            prop.cancel()
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and not (c.decoder.idle() and (prop is None or prop.done.is_set())):
-            QApplication.processEvents()
-            time.sleep(0.005)
-        QApplication.processEvents()  # deliver the last results (queued signals)
+            return True
+        c.cancel_work()
+        if not wait_without_input(c.settled(), timeout):
+            log.warning("boxes still in flight after %.0f s: saving what is on screen", timeout)
+            return False
+        return True
 
     def next(self) -> None:
         if self.session is not None:
@@ -353,7 +242,7 @@ class SessionWidget(QWidget):
         s = self.session
         try:
             img = s.read(index)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (an unreadable image is shown, the session goes on)
             self._error(f"{s.items[index].name}: {exc}")
             return
         labels = s.load_labels(index)
@@ -371,20 +260,18 @@ class SessionWidget(QWidget):
         if img.spacing is not None:
             kwargs["scale"] = tuple(img.spacing)
         self.image_layer = self.viewer.add_image(img.array, rgb=img.kind == "rgb", **kwargs)
-        lab = np.zeros(info.shape, np.uint32) if labels is None else labels.astype(np.uint32)
-        labels_layer = self.viewer.add_layer(Labels(lab, name=LABELS, scale=self.image_layer.scale, translate=self.image_layer.translate))
+        lab = np.zeros(info.shape, np.uint32) if labels is None else labels
+        place = {"scale": self.image_layer.scale, "translate": self.image_layer.translate}
+        labels_layer = self.viewer.add_layer(make_labels_layer(lab, **place))
         labels_layer.events.paint.connect(self._on_paint)
-        boxes = Shapes(ndim=len(info.shape), name=BOXES, edge_color="yellow", face_color="transparent", edge_width=2,
-                       features={"label": np.zeros(0, np.int64)}, scale=self.image_layer.scale, translate=self.image_layer.translate)
-        if data:
-            boxes.add(data, shape_type=types)
-        boxes.features = {"label": np.asarray(ids, np.int64)}
-        boxes.feature_defaults = {"label": 0}
-        self.viewer.add_layer(boxes)
+        self.viewer.add_layer(make_boxes_layer(len(info.shape), data, types, ids, **place))
         self.index = index
         self._dirty = False
         if img.kind == "volume":
-            z = next((int(b["slice"]) for b in record.get("boxes", []) if b.get("slice") is not None), img.array.shape[0] // 2)
+            z = next(
+                (int(b["slice"]) for b in record.get("boxes", []) if b.get("slice") is not None),
+                img.array.shape[0] // 2,
+            )
             self.viewer.dims.set_point(0, self.image_layer.data_to_world([z, 0, 0])[0])
         self._attach(record)
         self.viewer.reset_view()
@@ -434,7 +321,11 @@ class SessionWidget(QWidget):
         if c is not None:
             m = self.main
             record["model"] = {"name": c.model.name, "checkpoint": c.model.checkpoint}
-            record["intensity"] = {"modality": c.modality, "window": c.window, "choice": m.intensity_combo.currentText()}
+            record["intensity"] = {
+                "modality": c.modality,
+                "window": c.window,
+                "choice": m.intensity_combo.currentText(),
+            }
         else:  # the model never ran on this image: keep what the record said
             old = self.session.load_record(self.index) or {}
             for key in ("model", "intensity"):
@@ -442,7 +333,7 @@ class SessionWidget(QWidget):
                     record[key] = old[key]
         return labels, record
 
-    def save_current(self, background: bool = False, force: bool = False, status: Optional[str] = None) -> None:
+    def save_current(self, background: bool = False, force: bool = False, status: str | None = None) -> None:
         """Save the image on screen if it changed since it was shown (``force``: always)."""
         if self.session is None or self.index is None or not (self._dirty or force):
             return
@@ -452,7 +343,7 @@ class SessionWidget(QWidget):
         session, index = self.session, self.index
         try:
             labels, record = self._snapshot()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (shown to the user; traceback logged by _error)
             self._error(f"cannot read the layers to save: {exc}")
             return
         self._dirty = False
@@ -466,46 +357,19 @@ class SessionWidget(QWidget):
             self._dirty = True  # try again on the next change
             self._error(f"saving failed: {result}")
             return
-        try:
-            name = self.session.items[index].name if self.session else str(index)
-            self.status.setText(f"saved {name} ({len(result.get('objects', []))} objects)")
-            self._refresh()
-        except RuntimeError:  # widget already deleted
-            pass
-
-    # -- display ------------------------------------------------------------------------
-    def _refresh(self) -> None:
-        s = self.session
-        if s is None:
-            self.progress.setText("no session")
-            self.list.clear()
+        if widget_deleted(self) or widget_deleted(self.status):
+            log.debug("image %d saved after the widget was closed", index)
             return
-        self.progress.setText(s.progress_text())
-        self.list.blockSignals(True)
-        if self.list.count() != len(s):
-            self.list.clear()
-            for _ in s.items:
-                self.list.addItem(QListWidgetItem())
-        for i, it in enumerate(s.items):
-            item = self.list.item(i)
-            item.setText(f"{STATUS_MARKS[it.status]} {i + 1}. {it.name} \u2014 {it.status}")
-            item.setForeground(QColor(STATUS_COLORS[it.status]))
-            f = item.font()
-            f.setBold(i == self.index)
-            item.setFont(f)
-        if self.index is not None:
-            self.list.setCurrentRow(self.index)
-            self.jump_spin.setValue(self.index + 1)
-        self.list.blockSignals(False)
-        if self.index is not None:
-            self.prev_btn.setEnabled(self.index > 0)
-            self.next_btn.setEnabled(self.index < len(s) - 1)
+        name = self.session.items[index].name if self.session else str(index)
+        self.status.setText(f"saved {name} ({len(result.get('objects', []))} objects)")
+        self._refresh()
 
     def status_of(self, index: int) -> str:
         return self.session.status(index) if self.session else NOT_STARTED
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+    def closeEvent(self, event) -> None:
         try:
             self.close_session()
         finally:
+            self._saver.stop()  # pending saves are still written; the thread then ends
             super().closeEvent(event)

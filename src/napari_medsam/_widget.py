@@ -1,9 +1,9 @@
-"""The MedSAM dock widget: controls only; the work is done by :class:`Controller`."""
+"""The MedSAM dock widget: controls only; the work is done by :class:`~._annotator.annotator.BoxAnnotator`."""
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Optional
 
 from napari.layers import Image
 from napari.utils.notifications import show_error
@@ -24,11 +24,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._controller import Controller
-from ._live import VIT_FAST, lite_options
+from ._annotator.annotator import BoxAnnotator
+from ._annotator.options import VIT_FAST, guard_triton, lite_options
 from .engine.intensity import CT_PRESETS, parse_channels, window_from_limits
 from .engine.models.registry import REGISTRY
 from .engine.predictor import MedSAM
+
+log = logging.getLogger(__name__)
 
 INTENSITY_CHOICES = (
     ["auto", "layer contrast limits", "CT level/width"]
@@ -37,20 +39,16 @@ INTENSITY_CHOICES = (
 )
 
 
-def _guard_triton() -> None:
-    """Keep Triton out of a process that has an OpenGL context and no CUDA.
+def widget_deleted(widget) -> bool:
+    """True once Qt has deleted ``widget``'s C++ object (a worker may still report to it)."""
+    try:
+        from qtpy import sip
 
-    torchvision imports ``torch._dynamo``, which imports Triton if installed (CUDA
-    builds of torch ship it). Triton's bundled LLVM clashes with Mesa's llvmpipe
-    OpenGL driver once napari has drawn, and the import segfaults. CPU inference
-    never uses Triton, so without CUDA we make ``import triton`` fail cleanly.
-    """
-    import sys
+        return bool(sip.isdeleted(widget))
+    except ImportError:  # PySide
+        import shiboken6
 
-    import torch
-
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        sys.modules["triton"] = None
+        return not shiboken6.isValid(widget)
 
 
 class _Loader(QObject):
@@ -63,8 +61,8 @@ class MedSAMWidget(QWidget):
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self.controller: Optional[Controller] = None
-        self.last_error: Optional[str] = None
+        self.controller: BoxAnnotator | None = None
+        self.last_error: str | None = None
         self._model_key = None
         self._applied_channels = ""
         self._loader = _Loader()
@@ -98,9 +96,13 @@ class MedSAMWidget(QWidget):
 
         self.start_btn = QPushButton("Start / apply settings", toolTip="Load the model and encode the image on screen")
         self.delete_btn = QPushButton("Delete selected", toolTip="Delete the selected boxes and their labels (Delete)")
-        self.undo_btn = QPushButton("Undo", toolTip="Undo accept / edit / delete / propagate (Ctrl+Z on the boxes layer)")
+        self.undo_btn = QPushButton(
+            "Undo", toolTip="Undo accept / edit / delete / propagate (Ctrl+Z on the boxes layer)"
+        )
         self.redo_btn = QPushButton("Redo", toolTip="Redo (Ctrl+Shift+Z on the boxes layer)")
-        self.prop_btn = QPushButton("Propagate 3D", toolTip="Propagate the selected box's object through the volume (Shift+P)")
+        self.prop_btn = QPushButton(
+            "Propagate 3D", toolTip="Propagate the selected box's object through the volume (Shift+P)"
+        )
         self.cancel_btn = QPushButton("Cancel", toolTip="Stop a running propagation")
         self.progress = QProgressBar(maximum=1, value=1, textVisible=False)
         self.status = QLabel("pick an image layer", wordWrap=True)
@@ -166,9 +168,9 @@ class MedSAMWidget(QWidget):
         if path:
             self.checkpoint.setText(path)
 
-    def selected_image(self) -> Optional[Image]:
+    def selected_image(self) -> Image | None:
         name = self.image_combo.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401 (LayerList)
 
     def intensity(self, image: Image):
         """Widget choice -> (modality, window) for the engine."""
@@ -197,20 +199,22 @@ class MedSAMWidget(QWidget):
         if not text:
             return None
         if image.rgb or image.ndim < 3:
-            raise ValueError(f"channels: {image.name!r} (shape {image.data.shape}) has no channel axis; clear the field")
+            raise ValueError(
+                f"channels: {image.name!r} (shape {image.data.shape}) has no channel axis; clear the field"
+            )
         return parse_channels(text, image.data.shape[0])
 
     def set_status(self, text: str) -> None:
+        if widget_deleted(self) or widget_deleted(self.status):
+            log.debug("status after the widget was closed: %s", text)
+            return
         busy = text.startswith(("encoding", "loading", "waiting", "propagating"))
-        try:
-            self.status.setText(text)
-            self.progress.setMaximum(0 if busy else 1)
-            if self.controller is not None and self.label_spin.value() != self.controller.next_label:
-                self.label_spin.blockSignals(True)
-                self.label_spin.setValue(self.controller.next_label)
-                self.label_spin.blockSignals(False)
-        except RuntimeError:  # the widget was closed while a worker still reported
-            pass
+        self.status.setText(text)
+        self.progress.setMaximum(0 if busy else 1)
+        if self.controller is not None and self.label_spin.value() != self.controller.next_label:
+            self.label_spin.blockSignals(True)
+            self.label_spin.setValue(self.controller.next_label)
+            self.label_spin.blockSignals(False)
 
     def _set_next_label(self, value: int) -> None:
         if self.controller is not None:
@@ -228,7 +232,9 @@ class MedSAMWidget(QWidget):
             self.set_status("pick an image layer")
             return
         key = (
-            self.model_combo.currentText(), self.device_combo.currentText(), self.checkpoint.text().strip() or None,
+            self.model_combo.currentText(),
+            self.device_combo.currentText(),
+            self.checkpoint.text().strip() or None,
             self.fast_encoder.isChecked(),
         )
         if self.controller is not None and key == self._model_key:
@@ -236,7 +242,7 @@ class MedSAMWidget(QWidget):
             return
         self._model_key = key
         self.set_status(f"loading {key[0]}...")
-        _guard_triton()
+        guard_triton()
         import segment_anything  # noqa: F401  (import torchvision in the GUI thread, not the loader's)
 
         def load():
@@ -244,6 +250,7 @@ class MedSAMWidget(QWidget):
                 fast = lite_options(fast_encoder=key[3]) if key[0] == "litemedsam" else VIT_FAST
                 self._loader.loaded.emit(MedSAM.load(key[0], device=key[1], checkpoint=key[2], fast=fast), None)
             except Exception as exc:  # shown as a notification in the GUI thread
+                log.debug("loading %s failed", key[0], exc_info=True)
                 self._loader.loaded.emit(None, exc)
 
         threading.Thread(target=load, name="medsam-load", daemon=True).start()
@@ -257,7 +264,7 @@ class MedSAMWidget(QWidget):
             return
         if self.controller is not None:
             self.controller.close()
-        self.controller = Controller(self.viewer, model, report=self.set_status)
+        self.controller = BoxAnnotator(self.viewer, model, report=self.set_status)
         self.destroyed.connect(self.controller.close)
         self.controller.next_label = self.label_spin.value()
         image = self.selected_image()
@@ -273,12 +280,13 @@ class MedSAMWidget(QWidget):
             self.label_spin.setValue(self.controller.next_label)
             self.label_spin.blockSignals(False)
             self.set_status(f"encoding {image.name}...")
-        except Exception as exc:
+        except Exception as exc:  # a bad image or setting is shown (and logged); the session goes on
+            log.warning("MedSAM: cannot use %s", image.name, exc_info=True)
             self.last_error = str(exc)
             show_error(f"MedSAM: {exc}")
             self.set_status(f"error: {exc}")
 
-    def closeEvent(self, event) -> None:  # noqa: N802 (Qt name)
+    def closeEvent(self, event) -> None:
         if self.controller is not None:
             self.controller.close()
         super().closeEvent(event)

@@ -1,0 +1,239 @@
+"""Step 4, decoding: boxes become masks in a worker thread; the latest box wins, accepts are never dropped.
+
+:class:`LatestBoxDecoder` runs one worker thread. ``preview(job)`` replaces any
+preview still waiting (the decoder only ever works on the newest box of a drag);
+``accept(job)`` is queued and never dropped. Answers leave in generation order:
+the worker always takes the waiting job with the lowest generation, so queued
+accepts go before any newer preview, also after a wait for the plane's embedding
+(when the worker waited, it re-picks: a newer preview of the same drag replaces
+the one it held, and a preview older than a queued accept is moot, since that
+drag is over). Results go to ``on_result`` from the worker thread; the annotator
+forwards them to the GUI thread with a Qt signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import CancelledError, Future
+from dataclasses import dataclass, field
+
+from napari_medsam.engine.decoder_process import DecoderUnavailable
+from napari_medsam.engine.fast.windows import grown_region
+
+from .constants import JobKind
+from .threads import start_worker
+
+log = logging.getLogger(__name__)
+Index = tuple[int, ...]
+Region = tuple[int, int, int, int]
+
+
+@dataclass
+class BoxJob:
+    """One box to decode.
+
+    Attributes:
+        generation: increases with every box event; results of older previews are stale.
+        index: leading indices of the plane (slice, time...).
+        box: x0, y0, x1, y1 in plane pixels.
+        embedding: future of the plane's embedding.
+        kind: :class:`JobKind` (preview or accept).
+        shape_index: the box's row in the Shapes layer (accepts).
+        t_event: perf_counter time of the mouse event (latency measurement).
+    """
+
+    generation: int
+    index: Index
+    box: tuple[float, float, float, float]
+    embedding: Future
+    kind: JobKind = JobKind.PREVIEW
+    shape_index: int = -1
+    t_event: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class BoxResult:
+    job: BoxJob
+    prediction: object | None = None
+    region: Region | None = None
+    error: BaseException | None = None
+    decode_s: float = 0.0
+
+
+#: (y0, y1, x0, x1): the box grown by a quarter of its size plus 8 px, clipped to the plane. MedSAM's
+#: masks stay close to their box (trained on tight boxes with 0-20 px jitter), so the preview computes
+#: the mask only there; accepted labels use the full plane. One home, shared with the fused decoder.
+preview_region = grown_region
+
+
+class LatestBoxDecoder:
+    """Single worker thread answering box jobs; see the module docstring.
+
+    Args:
+        model: the loaded model; accepts decode with its exact path on the full plane.
+        on_result: called (worker thread) with each :class:`BoxResult`, in generation order.
+        on_busy: called with True before waiting for an embedding, False after.
+        remote: a :class:`~napari_medsam.engine.decoder_process.DecoderProcess` for previews.
+    """
+
+    def __init__(
+        self,
+        model,
+        on_result: Callable[[BoxResult], None],
+        on_busy: Callable[[bool], None] = lambda b: None,
+        remote=None,
+    ):
+        self.model = model
+        self.remote = remote  # previews go to this child process when it is ready
+        self.on_result = on_result
+        self.on_busy = on_busy
+        self._cv = threading.Condition()
+        self._preview: BoxJob | None = None
+        self._accepts: deque[BoxJob] = deque()
+        self._idle_waiters: list[Future] = []
+        self._stop = False
+        self._working = False
+        self.dropped = 0
+        #: set while a preview is being decoded (background prefetch pauses then)
+        self.decoding_preview = threading.Event()
+        self._thread = start_worker(self._run, "medsam-decoder", self.shutdown)
+
+    # -- GUI-thread API -------------------------------------------------------
+    def preview(self, job: BoxJob) -> None:
+        with self._cv:
+            if self._preview is not None:
+                self.dropped += 1
+            self._preview = job
+            self._cv.notify_all()
+
+    def accept(self, job: BoxJob) -> None:
+        with self._cv:
+            if self._preview is not None:  # the drag is over: its last preview is moot
+                self._preview = None
+                self.dropped += 1
+            self._accepts.append(job)
+            self._cv.notify_all()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return self._idle_locked()
+
+    def when_idle(self) -> Future:
+        """A future resolved (worker thread) once every job so far has been answered."""
+        fut: Future = Future()
+        with self._cv:
+            if self._idle_locked() or self._stop:
+                fut.set_result(None)
+            else:
+                self._idle_waiters.append(fut)
+        return fut
+
+    def shutdown(self) -> None:
+        """Stop the worker without waiting (a running decode finishes in the background)."""
+        if self.remote is not None:
+            self.remote.close()
+        with self._cv:
+            self._stop = True
+            self._release_waiters()
+            self._cv.notify_all()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the worker to end (tests, scripts; never from the GUI thread). True if it did."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- worker -------------------------------------------------------------------
+    def _idle_locked(self) -> bool:
+        return self._preview is None and not self._accepts and not self._working
+
+    def _release_waiters(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for fut in waiters:
+            fut.set_result(None)
+
+    def _pick_locked(self) -> BoxJob:
+        """The waiting job with the lowest generation (queued accepts before a newer preview)."""
+        preview = self._preview
+        if self._accepts and (preview is None or self._accepts[0].generation < preview.generation):
+            return self._accepts.popleft()
+        self._preview = None
+        return preview
+
+    def _next(self) -> BoxJob | None:
+        with self._cv:
+            while self._preview is None and not self._accepts and not self._stop:
+                self._cv.wait()
+            if self._stop:
+                return None
+            self._working = True
+            return self._pick_locked()
+
+    def _repick(self, job: BoxJob) -> BoxJob:
+        """After a wait: put ``job`` back among what arrived meanwhile and take the oldest again."""
+        with self._cv:
+            if job.kind is JobKind.ACCEPT:
+                self._accepts.appendleft(job)  # the oldest accept: still first among the accepts
+            elif self._preview is None or self._preview.generation < job.generation:
+                self._preview = job
+            else:
+                self.dropped += 1  # a newer box of the same drag replaces it
+            if self._preview is not None and self._accepts and self._accepts[-1].generation > self._preview.generation:
+                self._preview = None  # an accept came after it: that drag is over
+                self.dropped += 1
+            return self._pick_locked()
+
+    def _answer(self, res: BoxResult) -> None:
+        if not self._stop:  # after shutdown nobody listens (the owner may be gone)
+            self.on_result(res)
+
+    def _run(self) -> None:
+        while True:
+            job = self._next()
+            if job is None:
+                return
+            try:
+                while not job.embedding.done():
+                    if not self._stop:
+                        self.on_busy(True)
+                    try:
+                        job.embedding.exception()  # wait; errors are raised by _decode
+                    finally:
+                        if not self._stop:
+                            self.on_busy(False)
+                    job = self._repick(job)
+                self._answer(self._decode(job))
+            except CancelledError:  # the image changed under the box: nothing to answer
+                log.debug("box of generation %d dropped: its plane's encode was cancelled", job.generation)
+            except Exception as exc:  # answered as an error result, shown in the GUI
+                log.debug("decoding box %d failed", job.generation, exc_info=True)
+                self._answer(BoxResult(job, error=exc))
+            finally:
+                with self._cv:
+                    self._working = False
+                    if self._idle_locked():
+                        self._release_waiters()
+
+    def _decode(self, job: BoxJob) -> BoxResult:
+        emb = job.embedding.result()
+        t0 = time.perf_counter()
+        if job.kind is JobKind.ACCEPT:  # labels: the authors' exact numerics, full plane
+            region, pred = None, self.model.predict(emb, job.box, exact=True)
+        else:
+            region = preview_region(job.box, emb.original_size)
+            pred = None
+            if self.remote is not None and self.remote.ready:
+                try:
+                    pred = self.remote.predict(emb, job.box, region)
+                except DecoderUnavailable:
+                    log.info("decoder process unavailable: previews decode in this process")
+            if pred is None:
+                self.decoding_preview.set()
+                try:
+                    pred = self.model.predict(emb, job.box, region=region)
+                finally:
+                    self.decoding_preview.clear()
+        return BoxResult(job, pred, region, decode_s=time.perf_counter() - t0)
