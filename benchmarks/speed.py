@@ -25,9 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run import authors_decode, authors_encode, machine, stats  # noqa: E402
-
 from napari_medsam.engine import fast as F  # noqa: E402
+from run import authors_decode, authors_encode, machine, stats  # noqa: E402
 
 SHARED = Path(os.environ.get("MEDSAM_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
@@ -160,7 +159,8 @@ NOTES = """### What was tried, and why the default (`MedSAM.load()`) is what it 
   (no AVX-512 / VNNI / bf16 here). ONNX Runtime fp32 of the BN-folded TinyViT was the best exact
   path (~0.45x). Conv-BN folding + precomputed attention bias + SDPA in PyTorch: ~0.85x.
   channels-last: ~10 % (oneDNN's depthwise 3x3 convs of stage 0 run ~2.5x faster), now part of
-  the fused encoder. OpenVINO 2026.4 on the exported ONNX: same as ONNX Runtime. TorchScript trace + freeze: ~0.7-0.95x, slow build.
+  the fused encoder. OpenVINO 2026.4 on the exported ONNX: same as ONNX Runtime.
+  TorchScript trace + freeze: ~0.7-0.95x, slow build.
   `torch.compile` (inductor, freezing): ~0.55x after 200 s of warm-up on this machine, and it imports
   triton (must not happen next to an OpenGL context; `engine.fast.triton_blocked()` detects a
   blocked import) - not shipped. int8 dynamic quantisation (torch.ao or ONNX Runtime): 0.4-0.8x but
@@ -314,7 +314,7 @@ def sgemm_peak(threads: int, n: int = 2048, reps: int = 8) -> float:
         best = min(_timed(lambda: a @ b) for _ in range(reps))
     finally:
         torch.set_num_threads(prev)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def _timed(f) -> float:
@@ -380,7 +380,7 @@ def agreement(base, variants, cases):
         refs = [authors_decode(base.module, a_emb, c.box, rgb.shape[:2], new_hw).astype(bool) for c in cs]
         for k, m in variants.items():
             emb = m.embed_rgb(rgb)
-            for c, ref in zip(cs, refs):
+            for c, ref in zip(cs, refs, strict=True):
                 # tiny boxes (< 4 px short side at 256) flip in the authors' own pipeline; reported apart
                 if c.short_side_at(256, rgb.shape) < 4:
                     continue
@@ -388,6 +388,31 @@ def agreement(base, variants, cases):
         for m in variants.values():
             m.cache.clear()
     return out
+
+
+def default_vs_exact(cases):
+    """Dice of ``MedSAM.load()``'s default masks against ``exact=True``'s on every 2D dev case
+    (tiny boxes included): (mean, min, n, n_images, worst three (dice, case))."""
+    from napari_medsam import MedSAM
+    from napari_medsam.engine.cache import EmbeddingCache
+    from napari_medsam.engine.evaluation import dice
+    from napari_medsam.engine.io import read_image
+
+    exact = MedSAM.load("litemedsam", device="cpu", exact=True)
+    default = MedSAM(exact.spec, exact.module, exact.device, EmbeddingCache(), exact.checkpoint, fast=True, exact=False)
+    by_image = {}
+    for c in cases:
+        by_image.setdefault(c.image, []).append(c)
+    rows = []
+    for path, cs in by_image.items():
+        rgb = exact.prepare(read_image(path).array, cs[0].modality)
+        e, d = exact.embed_rgb(rgb), default.embed_rgb(rgb)
+        for c in cs:
+            rows.append((float(dice(default.predict(d, c.box).masks[0], exact.predict(e, c.box).masks[0])), c.case))
+        exact.cache.clear()
+        default.cache.clear()
+    v = np.asarray([r[0] for r in rows])
+    return float(v.mean()), float(v.min()), len(v), len(by_image), sorted(rows)[:3], default.fast.describe()
 
 
 def main(argv=None):
@@ -399,7 +424,16 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true", help="also try torch.compile on the encoder (slow warm-up)")
     ap.add_argument("--vit-encodes", type=int, default=3, help="MedSAM ViT-B encodes per variant (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks_speed.md"))
+    ap.add_argument(
+        "--agreement-only", action="store_true", help="only default vs exact=True on the 2D dev cases; print"
+    )
     a = ap.parse_args(argv)
+    if a.agreement_only:
+        root, cases = dev_cases()
+        mean, low, n, n_img, worst, desc = default_vs_exact(cases)
+        print(f"default ({desc}) vs exact=True: {n} 2D cases on {n_img} images: mean Dice {mean:.5f}, min {low:.5f}")
+        print("worst:", worst)
+        return
     if a.quick:
         a.boxes, a.encodes = 30, 4
 
@@ -432,12 +466,12 @@ def main(argv=None):
                 m.fast.encoder = experimental_encoder(base, kind)
                 m.fast.encoder_kind = m.fast.key_suffix = kind
             m.embed_rgb(rgb, use_cache=False)  # warm-up (compile happens here)
-        except Exception as exc:  # report, never abort the whole benchmark
+        except Exception as exc:  # noqa: BLE001 - report, never abort the whole benchmark
             skipped.append(f"{label}: {type(exc).__name__}: {exc}")
             continue
         build_s[label] = time.perf_counter() - t
         enc_variants[label] = m
-    fast = facade(base, **{"encoder": None, "decoder": "fused"})
+    fast = facade(base, encoder=None, decoder="fused")
 
     dec_rows, dec_dice, first, same = bench_decoder(base, fast, rgb, random_boxes(a.boxes))
     enc_rows = bench_encoder(base, enc_variants, rgb, a.encodes)
@@ -467,10 +501,12 @@ def main(argv=None):
     lines = [
         "## Fast paths vs the authors' pipeline (`benchmarks/speed.py`)",
         "",
-        f"Machine: {machine()}; run {time.strftime('%Y-%m-%d %H:%M')}, load average "
-        f"{os.getloadavg()[0]:.1f} at the end (a shared machine: compare ratios, not absolute times). "
-        "LiteMedSAM, CPU. Every row is timed in the same process, interleaved with the authors' pipeline; "
-        "ratio = median / authors' median.",
+        (
+            f"Machine: {machine()}; run {time.strftime('%Y-%m-%d %H:%M')}, load average "
+            f"{os.getloadavg()[0]:.1f} at the end (a shared machine: compare ratios, not absolute times). "
+            "LiteMedSAM, CPU. Every row is timed in the same process, interleaved with the authors' pipeline; "
+            "ratio = median / authors' median."
+        ),
         "",
         f"### Box -> mask, 512 x 512, cached embedding ({a.boxes} random boxes, 15-110 px)",
         "",
@@ -483,8 +519,10 @@ def main(argv=None):
         lines.append(f"| {labels[k]} | {m:.1f} | {p:.1f} | {m / am:.2f} | {d} |")
     lines += [
         "",
-        f"Default masks identical to the authors' on {same} of {a.boxes} boxes. First box on a new embedding "
-        f"with the fused decoder (per-image precompute included): {first * 1000:.0f} ms.",
+        (
+            f"Default masks identical to the authors' on {same} of {a.boxes} boxes. First box on a new embedding "
+            f"with the fused decoder (per-image precompute included): {first * 1000:.0f} ms."
+        ),
         "",
         f"### Encoder per image/slice ({a.encodes} encodes of the 512 x 512 sample, preprocessing included)",
         "",
@@ -501,8 +539,11 @@ def main(argv=None):
     emb = base.embed_rgb(rgb)
     lines += [
         "",
-        f"Cached embedding: {emb.nbytes / 1e6:.2f} MB fp32, {emb.nbytes / 2e6:.2f} MB with `EmbeddingCache(fp16=True)` "
-        "(the default `MedSAM.load()` stores its own embeddings as fp16, under their own cache keys).",
+        (
+            f"Cached embedding: {emb.nbytes / 1e6:.2f} MB fp32, {emb.nbytes / 2e6:.2f} MB "
+            "with `EmbeddingCache(fp16=True)` "
+            "(the default `MedSAM.load()` stores its own embeddings as fp16, under their own cache keys)."
+        ),
     ]
     e_bound = roof["encoder"] / (roof["peak2"] * 1e9)
     d_bound = roof["decoder"] / (roof["peak1"] * 1e9)
@@ -510,17 +551,23 @@ def main(argv=None):
         "",
         "### Lower bounds on this machine (work / measured peak)",
         "",
-        f"fp32 matrix product peak measured here (2048^3, best of 8): {roof['peak1']:.0f} GFLOP/s on 1 thread, "
-        f"{roof['peak2']:.0f} GFLOP/s on 2. Work counted by `torch.utils.flop_counter`.",
+        (
+            f"fp32 matrix product peak measured here (2048^3, best of 8): {roof['peak1']:.0f} GFLOP/s on 1 thread, "
+            f"{roof['peak2']:.0f} GFLOP/s on 2. Work counted by `torch.utils.flop_counter`."
+        ),
         "",
         "| | work | at the peak | target |",
         "|---|---|---|---|",
         f"| encoder, per 256 x 256 image | {roof['encoder'] / 1e9:.1f} GFLOP | {e_bound:.2f} s on 2 threads | 0.25 s |",
-        f"| fused decoder, per box (a 90 x 80 px box) | {roof['decoder'] / 1e9:.2f} GFLOP "
-        f"(default decoder: {roof['decoder_authors'] / 1e9:.2f}) | {d_bound * 1e3:.1f} ms on 1 thread | 15 ms p95 |",
+        (
+            f"| fused decoder, per box (a 90 x 80 px box) | {roof['decoder'] / 1e9:.2f} GFLOP "
+            f"(default decoder: {roof['decoder_authors'] / 1e9:.2f}) | {d_bound * 1e3:.1f} ms on 1 thread | 15 ms p95 |"
+        ),
         "",
-        "The encoder bound assumes every operation runs as fast as one large matrix product; "
-        "TinyViT's depthwise convolutions, LayerNorms and small attention windows run far below it.",
+        (
+            "The encoder bound assumes every operation runs as fast as one large matrix product; "
+            "TinyViT's depthwise convolutions, LayerNorms and small attention windows run far below it."
+        ),
     ]
     if vit:
         rows, diff = vit
@@ -532,8 +579,10 @@ def main(argv=None):
             "| variant | median s | p95 s | ratio |",
             "|---|---|---|---|",
         ]
-        for k, label in (("default", "segment-anything attention (authors' code)"),
-                         ("fused", "**fused attention** (the default for ViT models)")):
+        for k, label in (
+            ("default", "segment-anything attention (authors' code)"),
+            ("fused", "**fused attention** (the default for ViT models)"),
+        ):
             m, p = stats(rows[k])
             lines.append(f"| {label} | {m / 1000:.2f} | {p / 1000:.2f} | {m / dm:.2f} |")
         lines += ["", f"Largest embedding difference, relative to the largest value: {diff:.1e}."]
@@ -541,8 +590,10 @@ def main(argv=None):
         n = len(next(iter(agree.values()))) if agree else 0
         lines += [
             "",
-            f"### Mask agreement with the authors' fp32 pipeline ({n} 2D dev cases of {agree_root}; "
-            "boxes under 4 px at 256 excluded)",
+            (
+                f"### Mask agreement with the authors' fp32 pipeline ({n} 2D dev cases of {agree_root}; "
+                "boxes under 4 px at 256 excluded)"
+            ),
             "",
             "| variant | mean Dice | min Dice | cases with Dice < 0.99 |",
             "|---|---|---|---|",

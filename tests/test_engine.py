@@ -22,7 +22,10 @@ STABLE_PX = 4  # boxes shorter than this at the 256 input flip under float round
 
 
 def test_engine_imports_no_qt_or_napari():
-    code = "import sys, napari_medsam.engine, napari_medsam; print([m for m in ('qtpy','PyQt5','PySide6','napari') if m in sys.modules])"
+    code = (
+        "import sys, napari_medsam.engine, napari_medsam; "
+        "print([m for m in ('qtpy','PyQt5','PySide6','napari') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
@@ -107,7 +110,7 @@ def test_batched_boxes_equal_single(lite, samples, bundled):
     img = read_image(cases[0].image).array
     emb = lite.embed(img)
     many = lite.segment(emb, boxes=[c.box for c in cases])
-    for c, m in zip(cases, many):
+    for c, m in zip(cases, many, strict=True):
         np.testing.assert_array_equal(m, lite.segment(emb, box=c.box))
     pred = lite.predict(emb, [c.box for c in cases])
     assert pred.iou.shape == (len(cases),) and np.all((pred.iou > 0) & (pred.iou <= 1.5))
@@ -186,7 +189,7 @@ def test_medsam_vit_fused_attention_agrees(medsam_random, samples):
         scale = float(ref.features.abs().max())
         assert float((fast.features - ref.features).abs().max()) <= 1e-4 * scale
         masks = medsam_random.segment(fast, boxes=boxes)
-        for a, b in zip(masks, ref_masks):
+        for a, b in zip(masks, ref_masks, strict=True):
             assert a.any() and dice(a, b) > 0.999
     finally:
         medsam_random.fast = None
@@ -218,7 +221,7 @@ def test_vit_fused_attention_forward_and_gradients_match():
         outs.append(y.detach())
         grads.append([p.grad.clone() for p in (attn.rel_pos_h, attn.rel_pos_w, attn.qkv.weight)])
     torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
-    for a, b in zip(grads[1], grads[0]):
+    for a, b in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
     with torch.inference_mode():  # the buffered (no-autograd) path
         torch.testing.assert_close(_sdpa_vit_attention_forward(attn, x), outs[0], atol=1e-5, rtol=1e-4)
@@ -336,7 +339,7 @@ def test_compose_channels_scales_each_channel_and_fills_rgb(samples):
     from napari_medsam.engine.intensity import compose_channels, parse_channels
 
     nuclei = read_gray(samples / "dsb2018_nuclei.png")
-    dim = (nuclei.astype(np.float32) * 7.5 + 100.0)  # a 16-bit-like second channel, other range
+    dim = nuclei.astype(np.float32) * 7.5 + 100.0  # a 16-bit-like second channel, other range
     stack = np.stack([nuclei, dim, np.zeros_like(dim)]).astype(np.float32)
     one = compose_channels(stack, [0])
     assert one.shape == nuclei.shape + (3,) and one.dtype == np.uint8

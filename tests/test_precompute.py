@@ -28,7 +28,9 @@ def folder(tmp_path, samples):
 
 
 def _model(lite, cache=None, **kw):
-    return MedSAM(lite.spec, lite.module, lite.device, EmbeddingCache() if cache is None else cache, lite.checkpoint, **kw)
+    return MedSAM(
+        lite.spec, lite.module, lite.device, EmbeddingCache() if cache is None else cache, lite.checkpoint, **kw
+    )
 
 
 def test_outward_order():
