@@ -134,3 +134,39 @@ def test_sigkill_at_random_instants_leaves_a_whole_file(tmp_path):
         assert all(is_temp_name(n) for n in stray)  # at most a recognisable temp file
         for n in stray:
             (tmp_path / n).unlink()
+
+
+def test_not_durable_skips_fsync_but_stays_atomic(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append(fd))
+    target = tmp_path / "entry.npz"
+    atomic_write_bytes(target, b"cache entry", durable=False)
+    assert target.read_bytes() == b"cache entry" and not calls
+    with pytest.raises(RuntimeError):
+        atomic_write(target, lambda tmp: (tmp.write_bytes(b"x"), (_ for _ in ()).throw(RuntimeError("boom"))), False)
+    assert target.read_bytes() == b"cache entry" and _names(tmp_path) == ["entry.npz"]
+
+
+# -- the other writers now go through atomic_write ---------------------------------------------
+def test_checkpoint_download_is_atomic_and_verified(tmp_path):
+    """models.checkpoints.download streams into atomic_write's temp file (a local file:// address)."""
+    import torch
+
+    from napari_medsam.engine.errors import CheckpointError
+    from napari_medsam.engine.models.checkpoints import CheckpointSource, download
+
+    good = tmp_path / "src" / "w.pth"
+    good.parent.mkdir()
+    torch.save({"w": torch.zeros(3)}, good)
+    out_dir = tmp_path / "cache"
+    target = out_dir / "w.pth"
+    src = CheckpointSource("w.pth", size=good.stat().st_size, url=good.as_uri())
+    assert download(src, target) == target
+    assert target.read_bytes() == good.read_bytes() and _names(out_dir) == ["w.pth"]
+    bad = tmp_path / "src" / "junk.pth"
+    bad.write_bytes(os.urandom(5000))
+    target.write_bytes(b"previous weights")
+    with pytest.raises(CheckpointError, match="not a PyTorch checkpoint"):
+        download(CheckpointSource("w.pth", url=bad.as_uri()), target)
+    assert target.read_bytes() == b"previous weights"  # a failed download never replaces the file
+    assert _names(out_dir) == ["w.pth"]  # and leaves no temp behind

@@ -39,9 +39,14 @@ def _split_suffix(name: str) -> tuple[str, str]:
     return name, ""
 
 
-def temp_path_for(target: Path) -> Path:
-    """A fresh, exclusively created sibling temp file for ``target`` (keeps its suffix for format sniffers)."""
-    stem, suffix = _split_suffix(target.name)
+def temp_path_for(target: Path, suffix: str | None = None) -> Path:
+    """A fresh, exclusively created sibling temp file for ``target``.
+
+    It ends in ``target``'s suffix (format sniffers such as ``nib.save`` need it) unless
+    ``suffix`` is given (a cache that tells temp files from entries by their ending).
+    """
+    stem, own = _split_suffix(target.name)
+    suffix = own if suffix is None else suffix
     while True:
         tmp = target.with_name(f".{stem}{TEMP_MARK}{secrets.token_hex(4)}{suffix}")
         with contextlib.suppress(FileExistsError):
@@ -62,13 +67,19 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
-def atomic_write(path: PathLike, writer: Callable[[Path], object]) -> Path:
+def atomic_write(
+    path: PathLike, writer: Callable[[Path], object], durable: bool = True, temp_suffix: str | None = None
+) -> Path:
     """Call ``writer(tmp)`` on a sibling temp file, fsync it, then replace ``path`` with it.
 
     Arguments:
       path (str or Path): the target; parent folders are created.
       writer (callable): writes the complete contents to the temp path it is given
         (``tifffile.imwrite``, ``nib.save``, ``Path.write_bytes``...).
+      durable (bool): fsync the file and its folder. ``False`` keeps the atomic
+        replace (never a torn file) but not durability across a power cut: for caches
+        whose entries are checksummed and can be recomputed.
+      temp_suffix (str or None): the temp file's ending (default: the target's suffix).
 
     Returns:
       (Path): the target path.
@@ -78,22 +89,23 @@ def atomic_write(path: PathLike, writer: Callable[[Path], object]) -> Path:
     """
     target = Path(path).expanduser()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(target)
+    tmp = temp_path_for(target, temp_suffix)
     try:
         writer(tmp)
-        _fsync(tmp, os.O_RDWR)
+        if durable:
+            _fsync(tmp, os.O_RDWR)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
+    if durable and hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX only)
         with contextlib.suppress(OSError):
             _fsync(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     return target
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: PathLike, data: bytes, durable: bool = True, temp_suffix: str | None = None) -> Path:
     """Write ``data`` to ``path`` atomically (temp file, fsync, ``os.replace``).
 
     Arguments:
@@ -103,7 +115,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     Returns:
       (Path): the target path.
     """
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), durable, temp_suffix)
 
 
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import itertools
 import logging
 import os
 import threading
@@ -40,6 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_medsam.engine.atomic import atomic_write_bytes
+
 Size = tuple[int, int]
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ DEFAULT_DISK_MAX_BYTES = 8 << 30
 STALE_TMP_S = 3600.0
 
 _TMP_SUFFIX = ".tmp"
-_counter = itertools.count()
 
 
 class CorruptEntry(ValueError):
@@ -246,17 +246,9 @@ class EmbeddingCache:
 
     @staticmethod
     def _write_atomic(path: Path, data: bytes) -> None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{next(_counter)}{_TMP_SUFFIX}")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.debug("embedding cache: cannot remove %s: %s", tmp, exc)
+        # engine.atomic's exclusive sibling temp (ending in _TMP_SUFFIX, so eviction tells it from an entry),
+        # removed on any failure; no fsync: entries are checksummed and can be recomputed
+        atomic_write_bytes(path, data, durable=False, temp_suffix=_TMP_SUFFIX)
 
     def _disk_get(self, key: str) -> Embedding | None:
         if self.disk_dir is None:

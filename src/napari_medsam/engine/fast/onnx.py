@@ -13,10 +13,13 @@ import os
 import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from napari_medsam.engine.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +46,13 @@ def export_onnx(enc: nn.Module, cache_dir: str | None = None) -> str:
     size = int(getattr(enc, "img_size", 256))
     folder = _onnx_dir(cache_dir)
     path = os.path.join(folder, f"tinyvit-{_weights_digest(enc)}.onnx")
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        try:
+    if not os.path.exists(path):  # engine.atomic: sibling temp, fsync, replace; temp removed on failure
+
+        def write(tmp: Path) -> None:
             with torch.no_grad():
-                _export(enc, (torch.zeros(1, 3, size, size),), tmp, ["image"], ["embedding"])
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+                _export(enc, (torch.zeros(1, 3, size, size),), str(tmp), ["image"], ["embedding"])
+
+        atomic_write(path, write)
     return path
 
 

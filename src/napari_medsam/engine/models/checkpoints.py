@@ -12,6 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from napari_medsam.engine.atomic import atomic_write
 from napari_medsam.engine.errors import CheckpointError
 
 ENV_DIR = "NAPARI_MEDSAM_CHECKPOINT_DIR"
@@ -173,20 +174,18 @@ def download(source: CheckpointSource, target: Path) -> Path:
 
     if not source.url:
         raise CheckpointError(f"no download address is known for {source.filename}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
-    try:
-        with urllib.request.urlopen(source.url, timeout=60) as resp, open(tmp, "wb") as out:
+    url = source.url
+
+    def fetch(tmp: Path) -> None:  # into engine.atomic's sibling temp file; verified before it replaces target
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length", 0)) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {source.filename}") as bar:
                 for block in iter(lambda: resp.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))
         verify(tmp, source)
-        os.replace(tmp, target)
+
+    try:
+        return atomic_write(target, fetch)
     except OSError as exc:
         raise CheckpointError(f"download of {source.filename} from {source.url} failed: {exc}") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return target
