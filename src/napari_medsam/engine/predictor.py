@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from .cache import Embedding, EmbeddingCache, embedding_key
-from .errors import ImageError, ModelError
-from .intensity import WindowLike, resolve_modality, to_uint8
+from .errors import ModelError
+from .intensity import WindowLike, model_input
 from .models.registry import ModelSpec, get_spec, load_weights
-from .validate import check_image, normalize_boxes
+from .validate import normalize_boxes
 
 BoxLike = Sequence[float] | np.ndarray
 
@@ -150,17 +150,11 @@ class MedSAM:
 
     # -- encoding ---------------------------------------------------------
     def prepare(self, image: Any, modality: str = "auto", window: WindowLike = None) -> np.ndarray:
-        """Validate and convert a 2D image to the (H, W, 3) uint8 the recipe expects."""
-        arr, rgb = check_image(image)
-        intensity = resolve_modality(arr, modality, window, rgb=rgb)
-        u8 = to_uint8(arr, intensity)
-        if not rgb:
-            u8 = np.repeat(u8[:, :, None], 3, axis=-1)
-        if u8.min() == u8.max():
-            raise ImageError(
-                f"image is constant after the {intensity.describe()} intensity rule: check the window or modality"
-            )
-        return np.ascontiguousarray(u8)
+        """Validate and convert a 2D image to the (H, W, 3) uint8 the recipe expects.
+
+        The engine's one image -> uint8 path, :func:`engine.intensity.model_input`.
+        """
+        return model_input(image, "image", modality, window)
 
     def embed(self, image: Any, modality: str = "auto", window: WindowLike = None, use_cache: bool = True) -> Embedding:
         """Encode a 2D image (cached by model + exact 8-bit pixels).
@@ -238,10 +232,19 @@ class MedSAM:
         """Bool mask (H, W) for ``box``, or (N, H, W) for ``boxes``.
 
         ``image_or_embedding`` is an :class:`Embedding` or a 2D image (then embedded
-        with ``embed_kwargs``: modality, window).
+        with ``embed_kwargs``: modality, window). Given an image, LiteMedSAM (unless
+        ``exact``) answers each box with the zoom strategy of :mod:`engine.zoom` (crops
+        re-encoded around the box, voted with the full view; docs/accuracy.md); given an
+        embedding, or with ``exact``, the box is decoded on that one view.
         """
         if (box is None) == (boxes is None):
             raise TypeError("give exactly one of box= or boxes=")
+        if not isinstance(image_or_embedding, Embedding) and not self.exact and self.name == "litemedsam":
+            from .zoom import segment_boxes
+
+            rgb = self.prepare(image_or_embedding, **embed_kwargs)
+            masks = segment_boxes(self, rgb, box if box is not None else boxes)
+            return masks[0] if box is not None else masks
         emb = image_or_embedding
         if not isinstance(emb, Embedding):
             emb = self.embed(emb, **embed_kwargs)
