@@ -457,3 +457,22 @@ def test_default_agrees_with_exact_on_the_dev_cases(lite, lite_default, shared_d
     assert len(d) >= 20 and len({n.split("/")[0] for n in names}) >= 9  # 26 cases in 9 datasets
     worst = sorted(zip(d, names, strict=True))[:3]
     assert d.mean() >= MIN_DEFAULT_MEAN and d.min() >= MIN_DEFAULT_MIN, (d.mean(), worst)
+
+
+def test_old_onnx_exports_are_pruned(tmp_path):
+    """Each new set of weights (random, fine-tuned) exports a new file: only the most recently
+    used MAX_EXPORTS stay, other files in the folder are left alone."""
+    import os
+
+    import napari_medsam.engine.fast.onnx as ox
+
+    paths = []
+    for i in range(ox.MAX_EXPORTS + 2):
+        p = tmp_path / f"tinyvit-{i:016x}.onnx"
+        p.write_bytes(b"x")
+        os.utime(p, (1000 + i, 1000 + i))
+        paths.append(p)
+    (tmp_path / "other.onnx").write_bytes(b"y")
+    ox._prune(str(tmp_path), keep=str(paths[0]))
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([paths[0].name, *(p.name for p in paths[-(ox.MAX_EXPORTS) :]), "other.onnx"])

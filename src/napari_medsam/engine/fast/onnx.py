@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 #: environment variables naming the folder of exported ONNX files (first set one wins)
 ONNX_CACHE_ENV = ("NAPARI_MEDSAM_ONNX_CACHE", "MEDSAM_ONNX_CACHE")
 OPSET = 17
+#: exported files kept per folder (one per set of weights; the least recently used go first)
+MAX_EXPORTS = 4
 
 
 def have_onnxruntime() -> bool:
@@ -53,7 +55,25 @@ def export_onnx(enc: nn.Module, cache_dir: str | None = None) -> str:
                 _export(enc, (torch.zeros(1, 3, size, size),), str(tmp), ["image"], ["embedding"])
 
         atomic_write(path, write)
+        _prune(folder, keep=path)
+    else:
+        try:
+            os.utime(path)  # recently used: pruned last
+        except OSError as exc:  # a read-only shared folder: still usable
+            log.debug("could not touch %s: %s", path, exc)
     return path
+
+
+def _prune(folder: str, keep: str, limit: int = MAX_EXPORTS) -> None:
+    """Remove all but the ``limit`` most recently used exports (random or fine-tuned weights would pile up)."""
+    try:
+        names = [f for f in os.listdir(folder) if f.startswith("tinyvit-") and f.endswith(".onnx")]
+        files = sorted((os.path.join(folder, f) for f in names), key=os.path.getmtime, reverse=True)
+        for old in files[limit:]:
+            if old != keep:
+                os.remove(old)
+    except OSError as exc:
+        log.warning("could not prune old ONNX exports in %s: %s", folder, exc)
 
 
 class OrtEncoder:
