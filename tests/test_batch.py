@@ -8,9 +8,13 @@ one encoder pass, so the whole module costs a handful of encodes.
 from __future__ import annotations
 
 import csv
+import logging
+import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +61,28 @@ def model():
 
 # Four good rows on two images: used by the single-process run and the Dask run.
 GOOD_ROWS = [
-    {"image": str(SAMPLES / "busi_malignant_1.png"), "box": "8,133,439,403", "modality": "ultrasound",
-     "gt": str(SAMPLES / "busi_malignant_1_mask.png"), "gt_select": "component:1", "name": "busi"},
-    {"image": str(SAMPLES / "dsb2018_nuclei.png"), "box": "155,129,179,153",
-     "gt": str(SAMPLES / "dsb2018_nuclei_labels.png"), "gt_select": "value:19", "name": "nuc19"},
-    {"image": str(SAMPLES / "dsb2018_nuclei.png"), "box": "344,218,362,239",
-     "gt": str(SAMPLES / "dsb2018_nuclei_labels.png"), "gt_select": "value:30", "name": "nuc30"},
+    {
+        "image": str(SAMPLES / "busi_malignant_1.png"),
+        "box": "8,133,439,403",
+        "modality": "ultrasound",
+        "gt": str(SAMPLES / "busi_malignant_1_mask.png"),
+        "gt_select": "component:1",
+        "name": "busi",
+    },
+    {
+        "image": str(SAMPLES / "dsb2018_nuclei.png"),
+        "box": "155,129,179,153",
+        "gt": str(SAMPLES / "dsb2018_nuclei_labels.png"),
+        "gt_select": "value:19",
+        "name": "nuc19",
+    },
+    {
+        "image": str(SAMPLES / "dsb2018_nuclei.png"),
+        "box": "344,218,362,239",
+        "gt": str(SAMPLES / "dsb2018_nuclei_labels.png"),
+        "gt_select": "value:30",
+        "name": "nuc30",
+    },
     {"image": str(SAMPLES / "dsb2018_nuclei.png"), "box": "182,394,209,422"},  # no gt, default name
 ]
 
@@ -81,10 +101,20 @@ def sample_run(model, tmp_path_factory):
         {"image": str(SAMPLES / "busi_malignant_1.png"), "box": "1,2,3", "name": "shortbox"},
         {"image": str(SAMPLES / "busi_malignant_1.png"), "box": "500,500,520,520", "name": "outside"},
         {"image": str(SAMPLES / "busi_malignant_1.png"), "box": "8,133,439,403", "slice": "3", "name": "slice2d"},
-        {"image": str(SAMPLES / "pyradiomics_brain1.nii.gz"), "box": "162,84,206,115", "modality": "mr", "slice": "99",
-         "propagate": "true", "name": "badslice3d"},
-        {"image": str(SAMPLES / "pyradiomics_brain1.nii.gz"), "box": "162,84,206,115", "modality": "mr",
-         "name": "noslice3d"},
+        {
+            "image": str(SAMPLES / "pyradiomics_brain1.nii.gz"),
+            "box": "162,84,206,115",
+            "modality": "mr",
+            "slice": "99",
+            "propagate": "true",
+            "name": "badslice3d",
+        },
+        {
+            "image": str(SAMPLES / "pyradiomics_brain1.nii.gz"),
+            "box": "162,84,206,115",
+            "modality": "mr",
+            "name": "noslice3d",
+        },
     ]
     prompts = _write_csv(d / "prompts.csv", rows)
     messages = []
@@ -93,13 +123,16 @@ def sample_run(model, tmp_path_factory):
 
 
 def test_read_prompts_defaults_and_errors(tmp_path):
-    p = _write_csv(tmp_path / "p.csv", [
-        {"image": "a/img.png", "box": "1,2,3,4"},
-        {"image": "vol.nii.gz", "box": "1, 2, 30, 40", "slice": "5", "propagate": "yes", "name": "my case#1"},
-        {"image": "b.png", "box": "1,2,3,4", "propagate": "maybe"},
-        {"image": "", "box": "1,2,3,4"},
-        {"image": "c.png", "box": "1,2,3,4", "name": "my case#1"},
-    ])
+    p = _write_csv(
+        tmp_path / "p.csv",
+        [
+            {"image": "a/img.png", "box": "1,2,3,4"},
+            {"image": "vol.nii.gz", "box": "1, 2, 30, 40", "slice": "5", "propagate": "yes", "name": "my case#1"},
+            {"image": "b.png", "box": "1,2,3,4", "propagate": "maybe"},
+            {"image": "", "box": "1,2,3,4"},
+            {"image": "c.png", "box": "1,2,3,4", "name": "my case#1"},
+        ],
+    )
     rows = read_prompts(p)
     assert [r.row for r in rows] == [1, 2, 3, 4, 5]
     assert rows[0].name == "img_1" and rows[0].image == tmp_path / "a" / "img.png" and rows[0].error is None
@@ -151,9 +184,16 @@ def test_good_rows_written(sample_run):
 def test_bad_rows_reported_and_skipped(sample_run):
     res, d, messages = sample_run
     by = res.by_name()
-    bad = {"missing": "does not exist", "broken": "cannot read", "nanbox": "NaN", "shortbox": "3 values",
-           "outside": "no area", "slice2d": "2D image", "badslice3d": "outside the volume",
-           "noslice3d": "give the slice"}
+    bad = {
+        "missing": "does not exist",
+        "broken": "cannot read",
+        "nanbox": "NaN",
+        "shortbox": "3 values",
+        "outside": "no area",
+        "slice2d": "2D image",
+        "badslice3d": "outside the volume",
+        "noslice3d": "give the slice",
+    }
     for name, words in bad.items():
         assert by[name].status == "error", name
         assert words in by[name].error, (name, by[name].error)
@@ -241,8 +281,16 @@ def test_dask_workers_match_single_process(sample_run, tmp_path):
     # worker (1 thread) gave identical masks when this was written without the cache.
     cache = d / "emb-cache"
     assert len(list(cache.glob("*.npz"))) == 2
-    res2 = run_batch(prompts, tmp_path / "out", model="litemedsam", device="cpu", workers=2, cache_dir=cache,
-                     progress=False, log=None)
+    res2 = run_batch(
+        prompts,
+        tmp_path / "out",
+        model="litemedsam",
+        device="cpu",
+        workers=2,
+        cache_dir=cache,
+        progress=False,
+        log=None,
+    )
     assert res2.exit_code == 0, [(r.name, r.error) for r in res2.failed]
     assert [r.name for r in res2.rows] == ["busi", "nuc19", "nuc30", "dsb2018_nuclei_4"]
     single = res1.by_name()
@@ -255,3 +303,83 @@ def test_dask_workers_match_single_process(sample_run, tmp_path):
             assert r.dice == pytest.approx(single[r.name].dice, abs=1e-9)
     assert len(list(cache.glob("*.npz"))) == 2  # one shared embedding per image
     assert not _leftovers(tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------
+# reliability: outputs checked up front, unexpected row errors logged, worker models shared safely
+# ---------------------------------------------------------------------------
+def _unwritable_dirs(tmp_path: Path):
+    """Output folders that exist or can be named but cannot take files (for root too)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cases = {"a file": blocker, "under a file": blocker / "out", "/proc": Path("/proc/self/fdinfo")}
+    summary_dir = tmp_path / "summary-is-dir"
+    (summary_dir / "summary.csv").mkdir(parents=True)
+    cases["summary.csv a folder"] = summary_dir
+    if os.geteuid() != 0:  # permissions do not stop root
+        ro = tmp_path / "read-only"
+        ro.mkdir()
+        ro.chmod(0o500)
+        cases["read-only"] = ro
+    return cases
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "/proc", "summary.csv a folder", "read-only"])
+def test_unwritable_output_fails_before_any_row(model, tmp_path, case):
+    cases = _unwritable_dirs(tmp_path)
+    if case not in cases:
+        pytest.skip("permissions do not stop root")
+    prompts = _write_csv(tmp_path / "p.csv", GOOD_ROWS[:2])
+    lines = []
+    t0 = time.perf_counter()
+    with pytest.raises(BatchError, match="output") as err:
+        run_batch(prompts, cases[case], model=model, progress=False, log=lines.append)
+    assert str(cases[case]) in str(err.value)
+    assert lines == [], "no row ran"
+    assert time.perf_counter() - t0 < 5, "failed up front, not after encoding the rows"
+
+
+def test_unexpected_row_errors_are_logged_with_traceback(model, tmp_path, caplog):
+    out = tmp_path / "out"
+    (out / "busi.tif").mkdir(parents=True)  # the row's mask cannot be written: an OSError, not a MedSAMError
+    prompts = _write_csv(tmp_path / "p.csv", GOOD_ROWS[:2])
+    with caplog.at_level(logging.WARNING, logger="napari_medsam.engine.batch"):
+        res = run_batch(prompts, out, model=model, progress=False, log=None)
+    assert [r.name for r in res.failed] == ["busi"] and "IsADirectoryError" in res.failed[0].error
+    logged = [r for r in caplog.records if "busi" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None, "the traceback of an unexpected error is logged"
+    assert res.by_name()["nuc19"].ok
+    # expected data errors (MedSAMError) stay one line, without a traceback
+    caplog.clear()
+    bad = _write_csv(tmp_path / "bad.csv", [{**GOOD_ROWS[0], "gt_select": "bogus", "name": "flat"}])
+    with caplog.at_level(logging.WARNING, logger="napari_medsam.engine.batch"):
+        res = run_batch(bad, tmp_path / "out2", model=model, progress=False, log=None)
+    assert res.n_failed == 1 and not [r for r in caplog.records if r.exc_info]
+
+
+def test_worker_model_is_loaded_once_under_threads(monkeypatch):
+    from napari_medsam.engine.batch import run as batch_run
+
+    real, calls = batch_run.load_model, []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_run, "load_model", counting)
+    monkeypatch.setattr(batch_run, "_WORKER_MODELS", {})
+    monkeypatch.setattr(batch_run, "_WORKER_CACHES", {})
+    barrier = threading.Barrier(4)
+    got = []
+
+    def task():
+        barrier.wait()
+        got.append(batch_run._worker_model("litemedsam", "cpu", None, None))
+
+    threads = [threading.Thread(target=task) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1, f"{len(calls)} models loaded for one key"
+    assert len({id(m) for m in got}) == 1 and len({id(m.cache) for m in got}) == 1

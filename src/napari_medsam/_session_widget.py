@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 
 from ._annotator.constants import BOXES, LABELS, PREVIEW, SETTLE_TIMEOUT_S
@@ -126,6 +126,7 @@ class SessionWidget(SessionControls):
             self._error(str(exc))
             return None
         self.session = session
+        self._warned = 0  # session.warnings already shown
         self.input_edit.setText(str(session.input))
         self.main = find_main_widget(self.viewer)
         # in the loader thread, before the model encodes anything: the session's cache
@@ -248,6 +249,9 @@ class SessionWidget(SessionControls):
         labels = s.load_labels(index)
         record = s.load_record(index) or {}
         data, types, ids = s.layer_state(index)
+        for message in s.warnings[self._warned :]:  # damaged records set aside, saves repaired
+            show_warning(f"napari-medsam session: {message}")
+        self._warned = len(s.warnings)
         info = s.info(index)
         for name in (LABELS, BOXES, PREVIEW):
             if name in self.viewer.layers:

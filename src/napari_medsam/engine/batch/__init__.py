@@ -19,7 +19,8 @@ from napari_medsam.engine.segment import (
 )
 
 from .prompts import PromptRow, group_rows, parse_box_text, parse_z_range, read_prompts
-from .run import SUMMARY_FIELDS, SUMMARY_NAME, BatchResult, RowResult, run_batch, run_group, write_summary
+from .results import SUMMARY_FIELDS, SUMMARY_NAME, BatchResult, RowResult, write_summary
+from .run import check_output_dir, run_batch, run_group
 
 __all__ = [
     "SUMMARY_FIELDS",
@@ -33,6 +34,7 @@ __all__ = [
     "RowResult",
     "Segmentation",
     "check_device",
+    "check_output_dir",
     "group_rows",
     "load_ground_truth",
     "load_model",

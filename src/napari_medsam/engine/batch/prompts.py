@@ -28,6 +28,7 @@ from typing import Union
 
 from napari_medsam.engine.cases import safe_name
 from napari_medsam.engine.errors import BatchError, MedSAMError, ReadError
+from napari_medsam.engine.io import strip_image_suffix
 from napari_medsam.engine.segment import parse_box_text, parse_z_range
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -74,11 +75,7 @@ def _parse_bool(text: str, column: str) -> bool:
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suf in (".nii.gz", ".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return path.stem or name
+    return strip_image_suffix(path.name)  # the session's rule too (engine.io)
 
 
 def resolve(text: str, base: Path) -> Path:

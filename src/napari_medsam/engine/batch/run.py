@@ -10,148 +10,76 @@ is scored. Runs on one process or a Dask cluster. No Qt, no napari.
 
 from __future__ import annotations
 
-import csv
-import io as _stdio
 import logging
 import os
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 
 from napari_medsam.engine.cache import EmbeddingCache
 from napari_medsam.engine.cases import load_ground_truth
 from napari_medsam.engine.errors import BatchError, MedSAMError
-from napari_medsam.engine.io import atomic_write_text, read_image, write_labels
+from napari_medsam.engine.io import read_image, write_labels
 from napari_medsam.engine.metrics import dice, nsd
+from napari_medsam.engine.predictor import MedSAM
 from napari_medsam.engine.segment import ImageSegmenter, check_device, load_model, model_spec
 
 from .prompts import PromptRow, group_rows, read_prompts
+from .results import SUMMARY_FIELDS, SUMMARY_NAME, BatchResult, RowResult, write_summary
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-SUMMARY_NAME = "summary.csv"
-SUMMARY_FIELDS = [
-    "name",
-    "image",
-    "modality",
-    "status",
-    "error",
-    "iou",
-    "dice",
-    "nsd",
-    "encode_s",
-    "decode_s",
-    "total_s",
-    "mask",
-]
+log = logging.getLogger("napari_medsam.engine.batch")
 _GROUP_CACHE_BYTES = 256 << 20  # in-memory embeddings of a batch run: rows are grouped, little reuse
 
 
-@dataclass
-class RowResult:
-    """The outcome of one prompt row (one line of ``summary.csv``)."""
-
-    row: int
-    name: str
-    image: str
-    modality: str
-    status: str = "ok"
-    error: str = ""
-    iou: float | None = None
-    dice: float | None = None
-    nsd: float | None = None
-    encode_s: float | None = None
-    decode_s: float | None = None
-    total_s: float | None = None
-    mask: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def csv_row(self) -> dict[str, str]:
-        def fmt(v, digits=6):
-            return "" if v is None else f"{v:.{digits}g}"
-
-        return {
-            "name": self.name,
-            "image": self.image,
-            "modality": self.modality,
-            "status": self.status,
-            "error": self.error,
-            "iou": fmt(self.iou),
-            "dice": fmt(self.dice),
-            "nsd": fmt(self.nsd),
-            "encode_s": fmt(self.encode_s, 4),
-            "decode_s": fmt(self.decode_s, 4),
-            "total_s": fmt(self.total_s, 4),
-            "mask": self.mask,
-        }
-
-
-@dataclass
-class BatchResult:
-    """All row results (in prompts-file order) and where they were written."""
-
-    rows: list[RowResult]
-    out_dir: Path
-    summary_path: Path
-    seconds: float = 0.0
-
-    @property
-    def n_ok(self) -> int:
-        return sum(r.ok for r in self.rows)
-
-    @property
-    def n_failed(self) -> int:
-        return len(self.rows) - self.n_ok
-
-    @property
-    def failed(self) -> list[RowResult]:
-        return [r for r in self.rows if not r.ok]
-
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.n_failed else 0
-
-    def by_name(self) -> dict[str, RowResult]:
-        return {r.name: r for r in self.rows}
-
-    def by_modality(self) -> dict[str, dict[str, float]]:
-        """Mean Dice / NSD per modality over the rows that have them (``n`` = such rows)."""
-        out: dict[str, dict[str, float]] = {}
-        for mod in sorted({r.modality for r in self.rows}):
-            scored = [r for r in self.rows if r.modality == mod and r.ok and r.dice is not None]
-            if scored:
-                out[mod] = {
-                    "n": len(scored),
-                    "dice": float(np.mean([r.dice for r in scored])),
-                    "nsd": float(np.mean([r.nsd for r in scored if r.nsd is not None]))
-                    if any(r.nsd is not None for r in scored)
-                    else float("nan"),
-                }
-        return out
-
-
 # Worker-side model cache: one model per (model, device, checkpoint, exact) per process.
-_WORKER_MODELS: dict[tuple[str, str, str | None, bool], object] = {}
+_WORKER_MODELS: dict[tuple[str, str, str | None, bool], MedSAM] = {}
 _WORKER_CACHES: dict[str | None, EmbeddingCache] = {}
+_WORKER_LOCK = threading.Lock()  # a threaded Dask worker runs several tasks in one process
 
 
-def _worker_model(model: str, device: str, checkpoint: str | None, cache_dir: str | None, exact: bool = False):
+def _worker_model(
+    model: str, device: str, checkpoint: str | None, cache_dir: str | None, exact: bool = False
+) -> MedSAM:
     key = (model, device, checkpoint, exact)
-    m = _WORKER_MODELS.get(key)
-    if m is None:
-        m = _WORKER_MODELS[key] = load_model(model, device, checkpoint, exact=exact)
-    if cache_dir not in _WORKER_CACHES:
-        _WORKER_CACHES[cache_dir] = EmbeddingCache(max_bytes=_GROUP_CACHE_BYTES, disk_dir=cache_dir)
-    m.cache = _WORKER_CACHES[cache_dir]
+    with _WORKER_LOCK:
+        m = _WORKER_MODELS.get(key)
+        if m is None:
+            m = _WORKER_MODELS[key] = load_model(model, device, checkpoint, exact=exact)
+        if cache_dir not in _WORKER_CACHES:
+            _WORKER_CACHES[cache_dir] = EmbeddingCache(
+                max_bytes=_GROUP_CACHE_BYTES, disk_dir=Path(cache_dir) if cache_dir else None
+            )
+        m.cache = _WORKER_CACHES[cache_dir]
     return m
+
+
+def check_output_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` and prove a file can be written there; :class:`BatchError` naming why not.
+
+    Run before the model is loaded, so an unwritable output fails the batch at once
+    instead of after every row.
+    """
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BatchError(f"cannot create output folder {out_dir}: {exc}") from None
+    if (out_dir / SUMMARY_NAME).is_dir():
+        raise BatchError(f"cannot write the summary into output folder {out_dir}: {SUMMARY_NAME} there is a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BatchError(f"cannot write into output folder {out_dir}: {exc.strerror or exc}") from None
+    return out_dir
 
 
 # ---------------------------------------------------------------------------
@@ -168,18 +96,27 @@ def _fail(res: RowResult, exc: BaseException) -> RowResult:
     return res
 
 
-def run_group(model, rows: Sequence[PromptRow], out_dir: PathLike, base: Path | None = None) -> list[RowResult]:
+def _log_unexpected(exc: BaseException, what: str) -> None:
+    """A row error that is not a MedSAMError may be a bug: keep its traceback in the log."""
+    if not isinstance(exc, MedSAMError):
+        log.warning("napari-medsam batch: %s failed unexpectedly", what, exc_info=exc)
+
+
+def run_group(model: MedSAM, rows: Sequence[PromptRow], out_dir: PathLike, base: Path | None = None) -> list[RowResult]:
     """Run the rows of one image (read and encoded once); never raises for a row's problem."""
     out_dir = Path(out_dir)
     results = [_base_result(r) for r in rows]
     try:
-        image = read_image(rows[0].image)
-    except Exception as exc:  # unreadable image: every row of it fails alike
+        image = read_image(rows[0].image)  # type: ignore[arg-type]  # runnable rows have an image
+    except Exception as exc:  # noqa: BLE001 - unreadable image: every row of it fails alike (logged)
+        _log_unexpected(exc, f"image {rows[0].image}")
         return [_fail(res, exc) for res in results]
     session = ImageSegmenter(model, image)
-    for r, res in zip(rows, results):
+    for r, res in zip(rows, results, strict=True):
         t0 = time.perf_counter()
         try:
+            if r.box is None:  # group_rows keeps only rows that parsed
+                raise BatchError(f"row {r.row} has no box")
             seg = session.segment(r.box, r.modality, r.window, r.slice, r.propagate, r.z_range)
             res.iou, res.encode_s, res.decode_s = seg.iou, seg.encode_s, seg.decode_s
             labels = seg.mask.astype(np.uint8)
@@ -198,13 +135,23 @@ def run_group(model, rows: Sequence[PromptRow], out_dir: PathLike, base: Path | 
                 res.nsd = nsd(pred, gt, spacing=spacing)
         except (KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:  # a bad row is reported and skipped
+        except Exception as exc:  # noqa: BLE001 - a bad row is reported and skipped (logged if unexpected)
+            _log_unexpected(exc, f"row {r.row} ({r.name})")
             _fail(res, exc)
         res.total_s = time.perf_counter() - t0
     return results
 
 
-def _run_group_task(rows, out_dir, base, model, device, checkpoint, cache_dir, exact=False):
+def _run_group_task(
+    rows: list[PromptRow],
+    out_dir: str,
+    base: Path,
+    model: str,
+    device: str,
+    checkpoint: str | None,
+    cache_dir: str | None,
+    exact: bool = False,
+) -> list[RowResult]:
     """Dask task: the worker's cached model runs one image group."""
     m = _worker_model(model, device, checkpoint, cache_dir, exact)
     return run_group(m, rows, out_dir, base)
@@ -219,17 +166,7 @@ def _stderr(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
-def write_summary(path: PathLike, results: Sequence[RowResult]) -> Path:
-    """Write ``summary.csv`` atomically (one line per prompt row, in file order)."""
-    buf = _stdio.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, lineterminator="\n")
-    w.writeheader()
-    for r in results:
-        w.writerow(r.csv_row())
-    return atomic_write_text(path, buf.getvalue())
-
-
-def _dask_client(workers: int | None, scheduler: str | None):
+def _dask_client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
     try:
         from dask.distributed import Client, LocalCluster
     except ImportError as exc:
@@ -240,7 +177,7 @@ def _dask_client(workers: int | None, scheduler: str | None):
         if scheduler:
             return Client(scheduler, timeout="30s"), None
         cluster = LocalCluster(
-            n_workers=int(workers),
+            n_workers=int(workers or 1),
             threads_per_worker=1,
             processes=True,
             dashboard_address=None,
@@ -259,7 +196,7 @@ def _dask_client(workers: int | None, scheduler: str | None):
 def run_batch(
     prompts_csv: PathLike,
     out_dir: PathLike,
-    model="litemedsam",
+    model: str | MedSAM = "litemedsam",
     device: str = "auto",
     checkpoint: str | None = None,
     workers: int | None = None,
@@ -294,11 +231,7 @@ def run_batch(
     prompts_csv = Path(prompts_csv).expanduser()
     rows = read_prompts(prompts_csv)
     base = prompts_csv.resolve().parent
-    out_dir = Path(out_dir).expanduser()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BatchError(f"cannot create output folder {out_dir}: {exc}") from None
+    out_dir = check_output_dir(Path(out_dir).expanduser())
     cache_dir = str(Path(cache_dir).expanduser().resolve()) if cache_dir else None
     distributed = workers is not None or bool(scheduler)
 
@@ -314,7 +247,7 @@ def run_batch(
         if isinstance(model, str):
             model_spec(model)
         if groups:
-            cache = EmbeddingCache(max_bytes=_GROUP_CACHE_BYTES, disk_dir=cache_dir)
+            cache = EmbeddingCache(max_bytes=_GROUP_CACHE_BYTES, disk_dir=Path(cache_dir) if cache_dir else None)
             m = load_model(model, device, checkpoint, cache=cache, exact=exact)
     else:
         if not isinstance(model, str):
@@ -364,7 +297,18 @@ def run_batch(
     return BatchResult(ordered, out_dir, summary, time.perf_counter() - t_start)
 
 
-def _run_distributed(client, groups, out_dir, base, model, device, checkpoint, cache_dir, report, exact=False) -> None:
+def _run_distributed(
+    client: Any,
+    groups: list[list[PromptRow]],
+    out_dir: Path,
+    base: Path,
+    model: str,
+    device: str,
+    checkpoint: str | None,
+    cache_dir: str | None,
+    report: Callable[[list[RowResult]], None],
+    exact: bool = False,
+) -> None:
     """One task per image group; results reported as they complete."""
     from dask.distributed import as_completed
 
@@ -377,7 +321,8 @@ def _run_distributed(client, groups, out_dir, base, model, device, checkpoint, c
         g = futures[fut]
         try:
             res = fut.result()
-        except Exception as exc:  # the task itself died (worker lost, model failed to load there)
+        except Exception as exc:  # noqa: BLE001 - the task died (worker lost, model failed to load there)
+            _log_unexpected(exc, f"task of {g[0].image}")
             res = [_fail(_base_result(r), exc) for r in g]
         report(res)
 
