@@ -229,3 +229,30 @@ def test_segment_picked_channel_of_a_cyx_tiff(use_shared_model, tmp_path, capsys
     capsys.readouterr()
     assert cli.main(["segment", str(stack), "--channels", "4", "--box", BUSI_BOX, "-o", str(two)]) == 2
     assert "does not exist" in _one_error_line(capsys.readouterr().err)
+
+
+def test_session_command_reports_damaged_records_and_exports(tmp_path, capsys):
+    from napari_medsam.engine.session import LabelingSession
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("busi_malignant_1.png", "isic_0014270.png"):
+        (images / name).write_bytes((SAMPLES / name).read_bytes())
+    out = tmp_path / "out"
+    s = LabelingSession(images, out)
+    lab = np.zeros(s.info(0).shape, np.uint8)
+    lab[10:50, 20:80] = 1
+    s.save(0, lab)
+    s.save(1, np.zeros(s.info(1).shape, np.uint8))
+    s.record_path(1).write_text('["not", "a", "record"]')
+    assert cli.main(["session", str(out), "--export"]) == 0
+    cap = capsys.readouterr()
+    warn = [ln for ln in cap.err.splitlines() if ln.startswith("napari-medsam: warning: ")]
+    assert len(warn) == 1 and "isic_0014270.png" in warn[0] and ".corrupt-" in warn[0], cap.err
+    assert "0/2 done" in cap.out and "exported 2 images" in cap.out
+    assert (out / "export" / "busi_malignant_1.npz").is_file()
+    assert cli.main(["session", str(out)]) == 0  # already set aside: nothing more to report
+    assert "warning" not in capsys.readouterr().err
+    # no session there and no images given: a clear error, exit status 2
+    assert cli.main(["session", str(tmp_path / "nothing")]) == 2
+    assert "holds no session" in _one_error_line(capsys.readouterr().err)

@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(pc)
     _fast_option(pc)
 
+    se = sub.add_parser("session", help="open (resume) a labeling session: progress, repairs, export", description=(
+        "Open the labeling session in OUT: finishes or undoes a save a crash interrupted, sets damaged records "
+        "aside (each reported on stderr), prints the progress; --export writes MedSAM training data (npz + CSV)."))
+    se.add_argument("out", metavar="OUT", help="session folder (labels/, records/, session.json)")
+    se.add_argument("--images", help="image folder or list file (default: the one the session was made from)")
+    se.add_argument("--export", nargs="?", const="", metavar="DIR", help="export to DIR (default OUT/export)")
+
     sub.add_parser("models", help="list models and where their weights are (never downloads)")
 
     d = sub.add_parser("download", help="download and verify a model's weights (explicit; needs internet)")
@@ -198,6 +205,28 @@ def cmd_download(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_session(a: argparse.Namespace) -> int:
+    import logging
+
+    from .engine.session import LabelingSession, export_session
+
+    logging.getLogger("napari_medsam.engine.session").addHandler(logging.NullHandler())  # printed below instead
+    s = LabelingSession(a.images, a.out)
+    for i in range(len(s)):  # check every pair: damaged records set aside, out-of-step records rebuilt
+        s.load_record(i)
+        s.load_labels(i)
+    for message in s.warnings:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"{s.output_dir}: {s.progress_text()} ({len(s)} images from {s.input})")
+    if a.export is None:
+        return 0
+    res = export_session(s, a.export or None)
+    for name, why in res.errors.items():
+        print(f"{PROG}: {name}: {why}", file=sys.stderr)
+    print(f"exported {len(res.files)} images to {res.out_dir}, summary {res.summary_path}")
+    return 1 if res.errors else 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     from .server.serve import serve
 
@@ -231,7 +260,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "download": cmd_download, "demo": cmd_demo, "precompute": cmd_precompute, "serve": cmd_serve}
+COMMANDS = {"segment": cmd_segment, "batch": cmd_batch, "models": cmd_models, "download": cmd_download, "demo": cmd_demo, "precompute": cmd_precompute, "serve": cmd_serve, "session": cmd_session}
 
 
 #: options whose value may start with a minus sign (a box left of the image, a negative CT level)
