@@ -515,8 +515,8 @@ def test_read_image_uses_the_same_rule(tmp_path):
         ("a.png", "a"),
         ("scan.nii.gz", "scan"),
         ("scan.NII.GZ", "scan"),
-        ("b.ome.tif", "b"),  # the session used to keep "b.ome", batch gave "b"
-        ("c.ome.tiff", "c"),
+        ("b.ome.tif", "b.ome"),  # as the session always named it (resume finds old labels); batch gave "b"
+        ("c.ome.tiff", "c.ome"),
         ("d.tiff", "d"),
         ("e.JPEG", "e"),
         ("f.dcm", "f"),

@@ -19,6 +19,7 @@ from scipy import ndimage
 
 from .errors import ImageError, ReadError
 from .io import read_image
+from .validate import parse_box as _parse_box
 
 Box = tuple[float, float, float, float]
 
@@ -29,11 +30,11 @@ def safe_name(case: str) -> str:
 
 
 def parse_box(text: str) -> Box:
-    """``"x0,y0,x1,y1"`` of a cases file -> four floats (ValueError otherwise)."""
-    vals = [float(v) for v in str(text).replace(" ", "").split(",")]
-    if len(vals) != 4:
-        raise ValueError(f"a box is 'x0,y0,x1,y1', got {text!r}")
-    return (vals[0], vals[1], vals[2], vals[3])
+    """``"x0,y0,x1,y1"`` of a cases file -> four floats; :class:`BoxError` (a ValueError) otherwise.
+
+    The one box-text parser, :func:`engine.validate.parse_box`.
+    """
+    return _parse_box(text)
 
 
 def select_object(mask: np.ndarray, select: str = "nonzero") -> np.ndarray:

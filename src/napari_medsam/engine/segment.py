@@ -6,7 +6,6 @@ group) and by the demo. No Qt, no napari.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,44 +14,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import validate
 from .cache import Embedding, EmbeddingCache
-from .errors import BatchError, BoxError, ImageError
-from .intensity import WindowLike, parse_window, resolve_modality, to_uint8
+from .errors import BatchError, ImageError
+from .intensity import WindowLike, convert, gray_to_rgb, parse_window
 from .io import ImageData
 from .models.registry import ModelSpec, get_spec
 from .predictor import MedSAM
+from .validate import parse_box
 
 Box = tuple[float, float, float, float]
 
 
 # ---------------------------------------------------------------------------
-# prompt text (until one home in engine.validate)
+# prompt text: one home in engine.validate; these names stay for old imports
 # ---------------------------------------------------------------------------
 def parse_box_text(text: Any) -> Box:
-    """``"x0,y0,x1,y1"`` (or a 4-sequence) -> four finite floats; :class:`BoxError` otherwise."""
-    if text is None or (isinstance(text, str) and not text.strip()):
-        raise BoxError("box is empty: give 'x0,y0,x1,y1'")
-    try:
-        parts = text.replace(" ", "").strip("()[]").split(",") if isinstance(text, str) else text
-        vals = [float(v) for v in parts]
-    except (TypeError, ValueError):
-        raise BoxError(f"box {text!r} is not 'x0,y0,x1,y1' (four numbers)") from None
-    if len(vals) != 4:
-        raise BoxError(f"box {text!r} has {len(vals)} values; a box is 'x0,y0,x1,y1'")
-    if not all(math.isfinite(v) for v in vals):
-        raise BoxError(f"box {text!r} has NaN or infinite coordinates")
-    return (vals[0], vals[1], vals[2], vals[3])
+    """``"x0,y0,x1,y1"`` (or a 4-sequence) -> four finite floats; :class:`BoxError` otherwise.
+
+    See :func:`engine.validate.parse_box`.
+    """
+    return parse_box(text)
 
 
-def parse_z_range(text: str, what: str = "z_range") -> tuple[int, int]:
-    """``"first,last"`` -> (low, high) slice indices; ValueError naming ``what`` otherwise (also under -O)."""
-    try:
-        z = [int(float(v)) for v in str(text).split(",")]
-    except ValueError:
-        z = []
-    if len(z) != 2:
-        raise ValueError(f"{what} must be 'first,last' (two integers), got {text!r}")
-    return (min(z), max(z))
+def parse_z_range(text: Any, what: str = "z_range") -> tuple[int, int]:
+    """``"first,last"`` -> (low, high) slice indices; :class:`BoxError` (a ValueError) naming ``what``.
+
+    See :func:`engine.validate.parse_z_range` (no ``assert``: holds under ``python -O``).
+    """
+    return validate.parse_z_range(text, what=what)
 
 
 # ---------------------------------------------------------------------------
@@ -143,8 +133,7 @@ class ImageSegmenter:
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
-        a = self.image.array
-        return tuple(a.shape[:2]) if self.image.kind == "rgb" else tuple(a.shape)
+        return self.image.spatial_shape
 
     def _embedding(self, key: tuple, make: Callable[[], Embedding]) -> tuple[Embedding, float]:
         if key in self._emb:
@@ -157,10 +146,7 @@ class ImageSegmenter:
     def _volume_u8(self, modality: str, window: WindowLike) -> np.ndarray:
         key = (modality, parse_window(window))
         if key not in self._u8:
-            vol = self.image.array
-            if np.issubdtype(vol.dtype, np.floating) and not np.isfinite(vol).all():
-                raise ImageError("volume has NaN or infinite voxels: fill or mask them first")
-            self._u8[key] = to_uint8(vol, resolve_modality(vol, modality, window))
+            self._u8[key] = convert(self.image.array, "volume", modality, window).pixels  # the one uint8 path
         return self._u8[key]
 
     def segment(
@@ -172,9 +158,7 @@ class ImageSegmenter:
         propagate: bool = False,
         z_range: tuple[int, int] | None = None,
     ) -> Segmentation:
-        b = parse_box_text(box) if isinstance(box, str) else tuple(float(v) for v in box)
-        if not all(math.isfinite(v) for v in b) or len(b) != 4:
-            raise BoxError(f"box {list(b)} must be four finite numbers x0,y0,x1,y1")
+        b = parse_box(box)  # text or numbers; BoxError naming anything else
         win = parse_window(window)
         if not self.is_volume:
             if slice is not None or propagate:
@@ -199,7 +183,7 @@ class ImageSegmenter:
         u8 = self._volume_u8(modality, win)[slice]
         if u8.min() == u8.max():
             raise ImageError(f"slice {slice} is constant after the intensity rule: nothing to segment")
-        rgb = np.ascontiguousarray(np.repeat(u8[:, :, None], 3, axis=-1))
+        rgb = gray_to_rgb(u8)
         emb, enc = self._embedding(("slice", modality, win, slice), lambda: self.model.embed_rgb(rgb))
         t0 = time.perf_counter()
         pred = self.model.predict(emb, b)

@@ -17,11 +17,10 @@ PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-OME_TIFF_SUFFIXES = (".ome.tif", ".ome.tiff")
-#: every suffix an image file may have, longest first (so ``.nii.gz`` wins over ``.gz``).
-IMAGE_SUFFIXES = tuple(
-    sorted(OME_TIFF_SUFFIXES + PIL_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True)
-)
+#: every suffix an image file may have, longest first (so ``.nii.gz`` wins over ``.nii``). ``.ome.tif`` is
+#: a ``.tif`` here: a labeling session has always named ``b.ome.tif``'s labels ``b.ome``, and resuming an
+#: existing session must find them.
+IMAGE_SUFFIXES = tuple(sorted(PIL_SUFFIXES + TIFF_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES, key=len, reverse=True))
 DICOM_PREAMBLE = 128  # bytes before the b"DICM" magic of a DICOM Part 10 file
 #: how many files of a folder :func:`holds_dicom` looks at.
 DICOM_SNIFF_FILES = 64
@@ -63,7 +62,7 @@ def _suffix(path: Path) -> str:
 
 
 def strip_image_suffix(name: str) -> str:
-    """``name`` without its image suffix (``a.nii.gz`` -> ``a``, ``b.ome.tif`` -> ``b``, case kept).
+    """``name`` without its image suffix (``a.nii.gz`` -> ``a``, ``b.ome.tif`` -> ``b.ome``, case kept).
 
     Only the suffixes in :data:`IMAGE_SUFFIXES` are removed: a DICOM file named
     ``IM.1.2.840`` keeps its whole name.

@@ -32,11 +32,11 @@ from typing import Any, Union
 import numpy as np
 
 from napari_medsam.engine.errors import ImageError, MedSAMError
-from napari_medsam.engine.intensity import resolve_modality, to_uint8
+from napari_medsam.engine.intensity import model_input as _model_input
 from napari_medsam.engine.io import atomic_write_bytes, atomic_write_text
 
 from .inputs import DONE, IN_PROGRESS
-from .records import label_stats
+from .records import compact_labels, label_stats
 from .session import LabelingSession
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -72,27 +72,18 @@ class ExportResult:
 def model_input(array: np.ndarray, kind: str, modality: str = "auto", window: Any = None) -> np.ndarray:
     """The uint8 image the model sees: 2D ``(H, W, 3)``, volume ``(D, H, W)``.
 
-    Same rule as the plugin's encoder: the intensity rule is resolved and applied
-    on the whole image (whole volume for 3D).
+    The engine's one image -> uint8 path (:func:`engine.intensity.model_input`): the
+    intensity rule is resolved and applied on the whole image (whole volume for 3D).
     """
-    arr = np.asarray(array)
-    rgb = kind == "rgb"
-    if rgb:
-        arr = arr[..., :3]
-    intensity = resolve_modality(arr, modality or "auto", window, rgb=rgb)
-    u8 = to_uint8(arr, intensity)
-    if kind == "2d":
-        u8 = np.repeat(u8[:, :, None], 3, axis=-1)
-    return np.ascontiguousarray(u8)
+    return _model_input(array, kind, modality or "auto", window)
 
 
 def gts_dtype(labels: np.ndarray) -> np.ndarray:
-    hi = int(labels.max()) if labels.size else 0
-    if hi <= 255:
-        return labels.astype(np.uint8)
-    if hi <= 65535:
-        return labels.astype(np.uint16)
-    raise ImageError(f"label ids up to {hi} do not fit the uint16 of MedSAM's npz format")
+    """MedSAM's npz ``gts``: the one label dtype rule (:func:`engine.labels.compact_labels`) capped at uint16."""
+    try:
+        return compact_labels(labels, max_dtype=np.uint16)
+    except ImageError as exc:
+        raise ImageError(f"{exc} (MedSAM's npz format)") from None
 
 
 def _size_unit(ndim: int, spacing: Any, spacing_unit: str | None) -> tuple[float, str]:
@@ -150,7 +141,7 @@ def export_session(
             rec = session.load_record(i) or {}
             inten = rec.get("intensity") or {}
             kind = img.kind
-            spatial = img.array.shape[:2] if kind == "rgb" else img.array.shape
+            spatial = img.spatial_shape
             if labels is None or tuple(labels.shape) != tuple(spatial):
                 raise ImageError(
                     f"saved labels {None if labels is None else labels.shape} do not match the image {spatial}"

@@ -5,7 +5,6 @@ Also the session's vocabulary: image statuses and the output folder layout.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 from collections.abc import Sequence
@@ -15,7 +14,15 @@ from pathlib import Path
 from typing import Union
 
 from napari_medsam.engine.errors import SessionError
-from napari_medsam.engine.io import DICOM_SUFFIXES, NIFTI_SUFFIXES, PIL_SUFFIXES, TIFF_SUFFIXES, _suffix
+from napari_medsam.engine.io import (
+    DICOM_SUFFIXES,
+    NIFTI_SUFFIXES,
+    PIL_SUFFIXES,
+    TIFF_SUFFIXES,
+    _suffix,
+    holds_dicom,
+    strip_image_suffix,
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -81,27 +88,12 @@ def _hidden(p: Path) -> bool:
     return p.name.startswith(".")
 
 
-def _is_dicom_file(p: Path) -> bool:
-    if p.suffix.lower() in DICOM_SUFFIXES:
-        return True
-    if p.suffix:
-        return False
-    with contextlib.suppress(OSError), open(p, "rb") as fh:
-        return fh.read(132)[128:132] == b"DICM"
-    return False
-
-
 def _holds_dicom(folder: Path) -> bool:
-    files = [p for p in folder.iterdir() if p.is_file() and not _hidden(p)]
-    return any(_is_dicom_file(p) for p in files[:DICOM_SAMPLE])
+    # engine.io's one DICOM rule (a .dcm/.dicom suffix or the 128-byte preamble + DICM), as read_image uses
+    return holds_dicom(folder, DICOM_SAMPLE)
 
 
-def _strip_suffix(name: str) -> str:
-    low = name.lower()
-    for suf in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if low.endswith(suf):
-            return name[: -len(suf)]
-    return name
+_strip_suffix = strip_image_suffix  # engine.io's one suffix rule (also batch's default row names)
 
 
 def list_images(root: Path, exclude: Sequence[Path] = ()) -> list[tuple[Path, str]]:

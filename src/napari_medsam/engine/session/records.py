@@ -16,8 +16,9 @@ from typing import Any, Union
 import numpy as np
 
 from napari_medsam.engine.cache import content_hash
-from napari_medsam.engine.errors import ImageError
 from napari_medsam.engine.intensity import parse_window
+from napari_medsam.engine.labels import box_from_vertices, label_stats  # their one home
+from napari_medsam.engine.labels import compact_labels as compact_labels  # re-exported (session uses it)
 from napari_medsam.engine.models import checkpoints
 from napari_medsam.engine.session.inputs import SessionItem, Status
 from napari_medsam.engine.session.store import RECORD_FORMAT, ImageInfo
@@ -69,16 +70,6 @@ def checkpoint_sha256(path: PathLike | None) -> str | None:
 # ---------------------------------------------------------------------------
 # boxes <-> records
 # ---------------------------------------------------------------------------
-def box_from_vertices(vertices: Any) -> tuple[int | None, list[float]]:
-    """Rectangle vertices in data coords (..., row, col) -> (slice or None, [x0, y0, x1, y1])."""
-    v = np.asarray(vertices, dtype=float)
-    lead = [round(float(c)) for c in v[0, :-2]]
-    v = np.round(v, 3)
-    rows, cols = v[:, -2], v[:, -1]
-    box = [float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())]
-    return (lead[-1] if lead else None), box
-
-
 def boxes_from_layer(data: Sequence, shape_types: Sequence[str], label_ids: Sequence[int]) -> list[dict[str, Any]]:
     """A box layer's state (vertex arrays, shape types, label ids) -> JSON-ready box prompts.
 
@@ -87,7 +78,8 @@ def boxes_from_layer(data: Sequence, shape_types: Sequence[str], label_ids: Sequ
     """
     out = []
     for order, (verts, kind, label) in enumerate(zip(data, shape_types, label_ids, strict=False)):
-        z, box = box_from_vertices(verts)
+        drawn = box_from_vertices(verts)
+        z, box = drawn.slice, list(drawn.box)
         out.append(
             {
                 "order": order,
@@ -130,29 +122,6 @@ def _model_info(model: Any) -> dict[str, Any]:
     return {"name": name, "checkpoint": ckpt, "checkpoint_sha256": sha or checkpoint_sha256(ckpt)}
 
 
-def label_stats(labels: np.ndarray) -> dict[int, dict[str, Any]]:
-    """Per label id > 0: pixel/voxel count and bounding box (``[[start, stop), ...]`` per axis)."""
-    from scipy import ndimage
-
-    lab = np.asarray(labels)
-    if lab.size == 0 or int(lab.max()) <= 0:
-        return {}
-    ids = np.unique(lab)
-    ids = ids[ids > 0]
-    if int(ids[-1]) > 1_000_000:  # huge sparse ids: number them 1..n first
-        dense = np.searchsorted(ids, lab).astype(np.int64) + 1
-        dense[lab == 0] = 0
-        lab, keys = dense, np.arange(1, len(ids) + 1)
-    else:
-        lab, keys = (lab if lab.dtype.itemsize <= 4 else lab.astype(np.int64)), ids
-    counts = np.bincount(lab.ravel())
-    slices = ndimage.find_objects(lab)
-    return {
-        int(i): {"pixels": int(counts[k]), "bbox": [[int(s.start), int(s.stop)] for s in slices[int(k) - 1]]}
-        for i, k in zip(ids, keys, strict=True)
-    }
-
-
 def build_objects(labels: np.ndarray, boxes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per object (label id in the labels or on a box): prompts, size, extent, propagation."""
     stats = label_stats(labels)
@@ -176,22 +145,6 @@ def build_objects(labels: np.ndarray, boxes: Sequence[dict[str, Any]]) -> list[d
                 obj["propagation"] = {"first_slice": first, "last_slice": last, "from_slices": sorted(prompt_slices)}
         objects.append(obj)
     return objects
-
-
-def compact_labels(labels: np.ndarray) -> np.ndarray:
-    """Smallest unsigned dtype holding the ids (uint8, uint16, uint32)."""
-    lab = np.asarray(labels)
-    if lab.dtype == bool:
-        return lab.astype(np.uint8)
-    if not np.issubdtype(lab.dtype, np.integer):
-        raise ImageError(f"labels must be integers, got dtype {lab.dtype}")
-    lo, hi = (int(lab.min()), int(lab.max())) if lab.size else (0, 0)
-    if lo < 0:
-        raise ImageError(f"labels must not be negative (min {lo})")
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if hi <= np.iinfo(dt).max:
-            return lab if lab.dtype == dt else lab.astype(dt)
-    return lab.astype(np.uint64)
 
 
 def build_record(
@@ -264,7 +217,8 @@ def rebuild_from_labels(rec: dict[str, Any], labels: np.ndarray) -> tuple[int, i
     for i, st in stats.items():
         if i not in have:
             verts = _box_of_object(labels, i, st["bbox"])
-            z, box = box_from_vertices(verts)
+            drawn = box_from_vertices(verts)
+            z, box = drawn.slice, list(drawn.box)
             recovered.append({"label": i, "type": "rectangle", "slice": z, "box": box, "vertices": verts})
     boxes += recovered
     for order, b in enumerate(boxes):
