@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hmac
 from pathlib import Path
-from typing import List, Optional
 
 from fastapi import Body, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from ..engine.errors import MedSAMError
-from ..engine.session import SessionError
+from napari_medsam.engine.errors import MedSAMError
+from napari_medsam.engine.session import SessionError
+
 from .service import LockedError, WebService
 from .work import EditError
 
@@ -35,8 +35,12 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
 
 
-def create_app(service: WebService, decoder_path: Optional[Path] = None, token: Optional[str] = None,
-               allowed_hosts: Optional[List[str]] = None) -> FastAPI:
+def create_app(
+    service: WebService,
+    decoder_path: Path | None = None,
+    token: str | None = None,
+    allowed_hosts: list[str] | None = None,
+) -> FastAPI:
     """The app. ``allowed_hosts``: Host header names accepted without a token (DNS-rebinding guard)."""
     app = FastAPI(title="napari-medsam", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -46,8 +50,11 @@ def create_app(service: WebService, decoder_path: Optional[Path] = None, token: 
     async def guard(request: Request, call_next):
         if token:
             auth = request.headers.get("authorization", "")
-            given = auth[7:].strip() if auth.lower().startswith("bearer ") else (
-                request.query_params.get("token") or request.cookies.get(COOKIE) or "")
+            given = (
+                auth[7:].strip()
+                if auth.lower().startswith("bearer ")
+                else (request.query_params.get("token") or request.cookies.get(COOKIE) or "")
+            )
             if not hmac.compare_digest(given.encode(), token.encode()):
                 return _error(401, "a valid token is needed: open the address printed by `napari-medsam serve`")
         elif _hostname(request.headers.get("host", "")) not in hosts:
@@ -74,13 +81,13 @@ def create_app(service: WebService, decoder_path: Optional[Path] = None, token: 
             raise _NotFound(str(exc)) from None
 
     @app.exception_handler(_NotFound)
-    async def not_found(request: Request, exc: "_NotFound"):
+    async def not_found(request: Request, exc: _NotFound):
         return _error(404, str(exc))
 
     def client(request: Request) -> str:
         return request.headers.get("x-medsam-client") or request.query_params.get("client") or "anonymous"
 
-    def z_of(z: Optional[int]) -> Optional[int]:
+    def z_of(z: int | None) -> int | None:
         return None if z is None or z < 0 else z
 
     @app.get("/")
@@ -95,14 +102,21 @@ def create_app(service: WebService, decoder_path: Optional[Path] = None, token: 
     @app.get("/api/session")
     def session_info(request: Request):
         c = client(request)
-        return {**service.listing(c), "start": service.start_index(c), "model": service.model.name,
-                "decoder": "/api/decoder.onnx" if decoder_path else None, "device": str(service.model.device)}
+        return {
+            **service.listing(c),
+            "start": service.start_index(c),
+            "model": service.model.name,
+            "decoder": "/api/decoder.onnx" if decoder_path else None,
+            "device": str(service.model.device),
+        }
 
     @app.get("/api/decoder.onnx")
     def decoder():
         if decoder_path is None:
             return _error(404, f"no browser decoder for {service.model.name}: previews are decoded by the server")
-        return FileResponse(decoder_path, media_type="application/octet-stream", headers={"Cache-Control": "max-age=86400"})
+        return FileResponse(
+            decoder_path, media_type="application/octet-stream", headers={"Cache-Control": "max-age=86400"}
+        )
 
     @app.get("/api/by-name")
     def by_name(name: str):
@@ -118,7 +132,7 @@ def create_app(service: WebService, decoder_path: Optional[Path] = None, token: 
         return service.state(idx(i), client(request))
 
     @app.get("/api/images/{i}/image.png")
-    def image_png(i: int, z: Optional[int] = None, window: Optional[str] = None):
+    def image_png(i: int, z: int | None = None, window: str | None = None):
         import cv2
 
         rgb = service.slice_rgb(idx(i), z_of(z), window)
@@ -127,29 +141,43 @@ def create_app(service: WebService, decoder_path: Optional[Path] = None, token: 
         return Response(buf.tobytes(), media_type="image/png", headers={"Cache-Control": "no-cache"})
 
     @app.get("/api/images/{i}/embedding")
-    def embedding(i: int, z: Optional[int] = None, window: Optional[str] = None):
+    def embedding(i: int, z: int | None = None, window: str | None = None):
         data, head = service.embedding_bytes(idx(i), z_of(z), window)
         return Response(data, media_type="application/octet-stream", headers={**head, "Cache-Control": "no-store"})
 
     @app.get("/api/images/{i}/labels")
-    def labels(i: int, z: Optional[int] = None):
+    def labels(i: int, z: int | None = None):
         data, dtype = service.labels_bytes(idx(i), z_of(z))
-        return Response(data, media_type="application/octet-stream",
-                        headers={"Content-Encoding": "deflate", "X-Medsam-Dtype": dtype, "Cache-Control": "no-store"})
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={"Content-Encoding": "deflate", "X-Medsam-Dtype": dtype, "Cache-Control": "no-store"},
+        )
 
     @app.post("/api/images/{i}/preview")
-    def preview(i: int, box: List[float] = Body(...), z: Optional[int] = Body(None), window: Optional[str] = Body(None)):
+    def preview(i: int, box: list[float] = Body(...), z: int | None = Body(None), window: str | None = Body(None)):
         return Response(service.preview_bits(idx(i), z_of(z), window, box), media_type="application/octet-stream")
 
     @app.post("/api/images/{i}/objects")
-    def accept(i: int, request: Request, box: List[float] = Body(...), z: Optional[int] = Body(None),
-               window: Optional[str] = Body(None)):
+    def accept(
+        i: int,
+        request: Request,
+        box: list[float] = Body(...),
+        z: int | None = Body(None),
+        window: str | None = Body(None),
+    ):
         label = service.accept(idx(i), client(request), box, z_of(z), window)
         return {"label": label, **service.state(i, client(request))}
 
     @app.put("/api/images/{i}/objects/{label}")
-    def edit(i: int, label: int, request: Request, box: List[float] = Body(...), z: Optional[int] = Body(None),
-             window: Optional[str] = Body(None)):
+    def edit(
+        i: int,
+        label: int,
+        request: Request,
+        box: list[float] = Body(...),
+        z: int | None = Body(None),
+        window: str | None = Body(None),
+    ):
         service.edit(idx(i), client(request), label, box, z_of(z), window)
         return {"label": label, **service.state(i, client(request))}
 

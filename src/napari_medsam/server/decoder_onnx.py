@@ -21,12 +21,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import nn
 
-from ..engine.errors import MedSAMError
+from napari_medsam.engine.errors import MedSAMError
 
 WEB_MODELS = ("litemedsam",)
 
@@ -114,7 +113,7 @@ def export_decoder(model, folder: os.PathLike) -> Path:
     box = torch.tensor([[10.0, 10.0, 100.0, 100.0]])
     import warnings
 
-    kw = dict(input_names=["embedding", "box"], output_names=["logits", "iou"], opset_version=17)
+    kw = {"input_names": ["embedding", "box"], "output_names": ["logits", "iou"], "opset_version": 17}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
@@ -125,6 +124,6 @@ def export_decoder(model, folder: os.PathLike) -> Path:
     return path
 
 
-def default_folder(output_dir: os.PathLike, cache_dir: Optional[os.PathLike] = None) -> Path:
+def default_folder(output_dir: os.PathLike, cache_dir: os.PathLike | None = None) -> Path:
     """Where the exported decoder lives: ``cache_dir`` or ``OUT/.web``."""
     return Path(cache_dir) if cache_dir else Path(output_dir) / ".web"

@@ -15,8 +15,9 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, Hashable, List, Tuple
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,8 @@ class EncoderQueue:
     """Run ``job()`` callables one at a time on a worker thread, by priority, deduplicated by key."""
 
     def __init__(self, name: str = "medsam-encoder"):
-        self._heap: List[Tuple[int, int, Hashable]] = []
-        self._jobs: Dict[Hashable, Tuple[Callable[[], Any], Future, int]] = {}
+        self._heap: list[tuple[int, int, Hashable]] = []
+        self._jobs: dict[Hashable, tuple[Callable[[], Any], Future, int]] = {}
         self._seq = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
@@ -83,7 +84,7 @@ class EncoderQueue:
             t0 = time.perf_counter()
             try:
                 result = job()
-            except BaseException as exc:  # the waiting request reports it
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting request, which re-raises it
                 log.debug("encode %s failed: %s", key, exc)
                 fut.set_exception(exc)
             else:

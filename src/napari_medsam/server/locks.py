@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, Optional, Tuple
 
 
 class ImageLocks:
     def __init__(self, lease_s: float = 20.0):
         self.lease_s = float(lease_s)
-        self._held: Dict[int, Tuple[str, float]] = {}
+        self._held: dict[int, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
-    def _alive(self, index: int, now: float) -> Optional[str]:
+    def _alive(self, index: int, now: float) -> str | None:
         entry = self._held.get(index)
         if entry is None:
             return None
@@ -42,14 +41,14 @@ class ImageLocks:
             self._held[index] = (client, now)
             return True
 
-    def holder(self, index: int) -> Optional[str]:
+    def holder(self, index: int) -> str | None:
         with self._lock:
             return self._alive(index, time.monotonic())
 
     def holds(self, index: int, client: str) -> bool:
         return self.holder(index) == client
 
-    def touch(self, client: str) -> Optional[int]:
+    def touch(self, client: str) -> int | None:
         """Heartbeat: renew what ``client`` holds; returns the image index or None."""
         now = time.monotonic()
         with self._lock:
@@ -68,7 +67,7 @@ class ImageLocks:
                 if c == client:
                     del self._held[i]
 
-    def held(self) -> Dict[int, str]:
+    def held(self) -> dict[int, str]:
         now = time.monotonic()
         with self._lock:
             return {i: c for i in list(self._held) if (c := self._alive(i, now)) is not None}

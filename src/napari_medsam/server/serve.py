@@ -11,9 +11,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
-from ..engine.errors import MedSAMError
+from napari_medsam.engine.errors import MedSAMError
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 7860
@@ -32,7 +32,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_token(host: str, token: Optional[str]) -> Optional[str]:
+def check_token(host: str, token: str | None) -> str | None:
     """The token to require: the given one, a fresh one for a non-loopback host, or None (loopback, none given)."""
     if token is not None:
         if len(token) < 8:
@@ -43,18 +43,29 @@ def check_token(host: str, token: Optional[str]) -> Optional[str]:
 
 @dataclass
 class Built:
-    app: object
-    service: object
-    token: Optional[str]
-    decoder: Optional[Path]
+    app: Any
+    service: Any
+    token: str | None
+    decoder: Path | None
 
 
-def build(images, out, model: str = "litemedsam", device: str = "auto", checkpoint: Optional[str] = None,
-          host: str = "127.0.0.1", token: Optional[str] = None, web_cache: Optional[os.PathLike] = None,
-          lease_s: float = 20.0, prefetch: bool = True, model_obj=None) -> Built:
+def build(
+    images,
+    out,
+    model: str = "litemedsam",
+    device: str = "auto",
+    checkpoint: str | None = None,
+    host: str = "127.0.0.1",
+    token: str | None = None,
+    web_cache: os.PathLike | None = None,
+    lease_s: float = 20.0,
+    prefetch: bool = True,
+    model_obj=None,
+) -> Built:
     """Open (or resume) the session in ``out`` over ``images`` and make the app for it."""
-    from ..engine.predictor import MedSAM
-    from ..engine.session import LabelingSession
+    from napari_medsam.engine.predictor import MedSAM
+    from napari_medsam.engine.session import LabelingSession
+
     from .app import create_app
     from .decoder_onnx import WEB_MODELS, default_folder, export_decoder
     from .service import WebService
@@ -67,14 +78,14 @@ def build(images, out, model: str = "litemedsam", device: str = "auto", checkpoi
     if model_obj.name in WEB_MODELS:
         try:
             decoder = export_decoder(model_obj, default_folder(session.output_dir, web_cache))
-        except Exception as exc:  # no ONNX export here: the server decodes the previews
+        except Exception as exc:  # noqa: BLE001 - no ONNX export here: the server decodes the previews
             log.warning("browser decoder unavailable (%s): previews are decoded by the server", exc)
     service = WebService(session, model_obj, lease_s=lease_s, prefetch=prefetch)
     hosts = ["127.0.0.1", "localhost", "[::1]", host]
     return Built(create_app(service, decoder, token, hosts), service, token, decoder)
 
 
-def address(host: str, port: int, token: Optional[str]) -> str:
+def address(host: str, port: int, token: str | None) -> str:
     shown = socket.gethostname() if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown and not shown.startswith("[") else shown
     return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
@@ -89,18 +100,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerThread:
     """uvicorn in a background thread (tests, benchmarks, notebooks): ``start()``, ``url``, ``stop()``."""
 
-    def __init__(self, app, host: str = "127.0.0.1", port: Optional[int] = None):
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None):
         import uvicorn
 
         self.host, self.port = host, port or free_port(host)
-        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="off")
+        )
         self.thread = threading.Thread(target=self.server.run, name="medsam-web", daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "ServerThread":
+    def start(self, timeout: float = 30.0) -> ServerThread:
         self.thread.start()
         t0 = time.monotonic()
         while not self.server.started:
@@ -114,8 +127,16 @@ class ServerThread:
         self.thread.join(10)
 
 
-def serve(images, out, host: str = "127.0.0.1", port: int = DEFAULT_PORT, model: str = "litemedsam",
-          device: str = "auto", checkpoint: Optional[str] = None, token: Optional[str] = None) -> int:
+def serve(
+    images,
+    out,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    model: str = "litemedsam",
+    device: str = "auto",
+    checkpoint: str | None = None,
+    token: str | None = None,
+) -> int:
     """Run the server until interrupted (the CLI's ``serve``)."""
     import uvicorn
 
@@ -124,8 +145,10 @@ def serve(images, out, host: str = "127.0.0.1", port: int = DEFAULT_PORT, model:
     b = build(images, out, model, device, checkpoint, host, token)
     s = b.service.session
     print(f"napari-medsam serve: {len(s)} images from {s.input}, labels into {s.output_dir} ({s.progress_text()})")
-    print(f"model {b.service.model.name} on {b.service.model.device}; "
-          f"previews decoded {'in the browser (ONNX Runtime Web)' if b.decoder else 'by the server'}")
+    print(
+        f"model {b.service.model.name} on {b.service.model.device}; "
+        f"previews decoded {'in the browser (ONNX Runtime Web)' if b.decoder else 'by the server'}"
+    )
     if b.token and token is None:
         print("a token was generated (non-loopback host): share the address with the labelers only")
     print(f"open {address(host, port, b.token)}", flush=True)

@@ -13,14 +13,16 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
-from ..engine.errors import MedSAMError
-from ..engine.intensity import CT_PRESETS, parse_window, resolve_modality
-from ..engine.session import DONE, IN_PROGRESS, NOT_STARTED, SKIPPED, LabelingSession, SessionError
+from napari_medsam.engine.errors import MedSAMError
+from napari_medsam.engine.intensity import CT_PRESETS, parse_window, resolve_modality
+from napari_medsam.engine.session import DONE, IN_PROGRESS, NOT_STARTED, SKIPPED, LabelingSession, SessionError
+
 from .encoder import NOW, PREFETCH, SOON, EncoderQueue
 from .locks import ImageLocks
 from .work import ImageWork
@@ -42,9 +44,9 @@ class WebService:
         self.locks = ImageLocks(lease_s)
         self.prefetch = prefetch
         self._mu = threading.RLock()
-        self._works: Dict[int, ImageWork] = {}
-        self._images: "OrderedDict[int, Any]" = OrderedDict()
-        self._prepared: "OrderedDict[Tuple[int, Optional[str]], np.ndarray]" = OrderedDict()
+        self._works: dict[int, ImageWork] = {}
+        self._images: OrderedDict[int, Any] = OrderedDict()
+        self._prepared: OrderedDict[tuple[int, str | None], np.ndarray] = OrderedDict()
         self.stats = {"encodes": 0, "encode_s": 0.0, "accepts": 0, "accept_s": 0.0, "server_previews": 0}
 
     # -- images -------------------------------------------------------------------
@@ -54,7 +56,7 @@ class WebService:
             raise SessionError(f"image index {index} out of range 0..{len(self.session) - 1}")
         return index
 
-    def index_of(self, name: str) -> Optional[int]:
+    def index_of(self, name: str) -> int | None:
         """The index of the session image called ``name`` (its path relative to IMAGES), or None."""
         return next((i for i, it in enumerate(self.session.items) if it.name == name), None)
 
@@ -72,7 +74,7 @@ class WebService:
         return img
 
     @staticmethod
-    def window_text(window: Optional[str]) -> Optional[str]:
+    def window_text(window: str | None) -> str | None:
         """None / '' (the image's own rule), a CT preset name or 'level,width' -> canonical text."""
         if window in (None, "", "auto"):
             return None
@@ -81,9 +83,9 @@ class WebService:
         level, width = parse_window(window)  # raises ImageError naming the problem
         return f"{level:g},{width:g}"
 
-    def prepared(self, index: int, window: Optional[str]) -> np.ndarray:
+    def prepared(self, index: int, window: str | None) -> np.ndarray:
         """The uint8 pixels the model sees: 2D (H, W, 3), volume (D, H, W)."""
-        from ..engine.export import model_input
+        from napari_medsam.engine.export import model_input
 
         key = (self.check_index(index), self.window_text(window))
         with self._mu:
@@ -98,7 +100,7 @@ class WebService:
                 self._prepared.popitem(last=False)
         return u8
 
-    def slice_rgb(self, index: int, z: Optional[int], window: Optional[str]) -> np.ndarray:
+    def slice_rgb(self, index: int, z: int | None, window: str | None) -> np.ndarray:
         u8 = self.prepared(index, window)
         if u8.ndim == 3 and u8.shape[-1] == 3 and self.image(index).kind != "volume":
             return u8
@@ -106,12 +108,12 @@ class WebService:
         return np.ascontiguousarray(np.repeat(u8[z][:, :, None], 3, axis=-1))
 
     @staticmethod
-    def _check_z(depth: int, z: Optional[int]) -> int:
+    def _check_z(depth: int, z: int | None) -> int:
         if z is None or not 0 <= int(z) < depth:
             raise SessionError(f"slice {z} is not in 0..{depth - 1}")
         return int(z)
 
-    def info(self, index: int) -> Dict[str, Any]:
+    def info(self, index: int) -> dict[str, Any]:
         img = self.image(index)
         arr = img.array
         volume = img.kind == "volume"
@@ -120,7 +122,7 @@ class WebService:
         return {"kind": img.kind, "shape": list(shape), "depth": int(arr.shape[0]) if volume else 0, "ct": bool(ct)}
 
     # -- embeddings (one queue, one cache) ------------------------------------------
-    def _encode_job(self, index: int, z: Optional[int], window: Optional[str]):
+    def _encode_job(self, index: int, z: int | None, window: str | None):
         def job():
             rgb = self.slice_rgb(index, z, window)
             emb, ran = self.model.embed_rgb_status(rgb)
@@ -131,13 +133,13 @@ class WebService:
 
         return job
 
-    def embedding(self, index: int, z: Optional[int], window: Optional[str], priority: int = NOW, timeout: float = 600):
+    def embedding(self, index: int, z: int | None, window: str | None, priority: int = NOW, timeout: float = 600):
         index, window = self.check_index(index), self.window_text(window)
         key = (index, z if self.image(index).kind == "volume" else None, window)
         fut = self.queue.submit(key, self._encode_job(*key), priority)
         return fut if priority == PREFETCH else fut.result(timeout)
 
-    def embedding_bytes(self, index: int, z: Optional[int], window: Optional[str]) -> Tuple[bytes, Dict[str, str]]:
+    def embedding_bytes(self, index: int, z: int | None, window: str | None) -> tuple[bytes, dict[str, str]]:
         """The embedding as float16 bytes (about 2 MB) and what the browser's postprocessing needs."""
         emb = self.embedding(index, z, window)
         feats = emb.features.detach().cpu().float().numpy().astype("<f2")
@@ -150,7 +152,7 @@ class WebService:
         self._prefetch_around(index, z)
         return feats.tobytes(), head
 
-    def _prefetch_around(self, index: int, z: Optional[int]) -> None:
+    def _prefetch_around(self, index: int, z: int | None) -> None:
         if not self.prefetch:
             return
         if self.image(index).kind == "volume" and z is not None:
@@ -166,22 +168,22 @@ class WebService:
                 log.debug("no prefetch of image %d: %s", index + 1, exc)
 
     # -- decoding on the server -----------------------------------------------------
-    def _mask(self, index: int, z: Optional[int], window: Optional[str], box: Sequence[float]) -> np.ndarray:
+    def _mask(self, index: int, z: int | None, window: str | None, box: Sequence[float]) -> np.ndarray:
         emb = self.embedding(index, z, window)
         return self.model.predict(emb, box).masks[0]
 
-    def accept_mask(self, index: int, z: Optional[int], window: Optional[str], box: Sequence[float]) -> np.ndarray:
+    def accept_mask(self, index: int, z: int | None, window: str | None, box: Sequence[float]) -> np.ndarray:
         """The engine's default path for an accepted box ("better masks": zoomed re-encode of small boxes)."""
         emb = self.embedding(index, z, window)
         try:
-            from ..engine.zoom import segment_box
+            from napari_medsam.engine.zoom import segment_box
         except ImportError:  # an engine without the zoom strategy: the full-view decode
             segment_box = None
         if segment_box is None or getattr(self.model, "exact", False):
             return self.model.predict(emb, box).masks[0]
         return segment_box(self.model, self.slice_rgb(index, z, window), box, full_embedding=emb)[0]
 
-    def preview_bits(self, index: int, z: Optional[int], window: Optional[str], box: Sequence[float]) -> bytes:
+    def preview_bits(self, index: int, z: int | None, window: str | None, box: Sequence[float]) -> bytes:
         """Fallback preview when the browser cannot decode: the mask, one bit per pixel, row-major."""
         self.stats["server_previews"] += 1
         return np.packbits(self._mask(index, z, window, box), axis=None).tobytes()
@@ -197,7 +199,10 @@ class WebService:
             saved = self.session.load_labels(index)
             rec = self.session.load_record(index) or {}
             if saved is not None and tuple(saved.shape) == shape:
-                w = ImageWork(saved.astype(np.uint32 if saved.max() > 65535 else np.uint16), [dict(b) for b in rec.get("boxes", [])])
+                w = ImageWork(
+                    saved.astype(np.uint32 if saved.max() > 65535 else np.uint16),
+                    [dict(b) for b in rec.get("boxes", [])],
+                )
             else:
                 w = ImageWork.empty(shape)
             self._works[index] = w
@@ -206,7 +211,7 @@ class WebService:
                 del self._works[old]
             return w
 
-    def labels_bytes(self, index: int, z: Optional[int]) -> Tuple[bytes, str]:
+    def labels_bytes(self, index: int, z: int | None) -> tuple[bytes, str]:
         w = self.work(index)
         plane = w.labels[self._check_z(w.labels.shape[0], z)] if w.volume else w.labels
         dt = "uint16" if plane.max(initial=0) <= 65535 else "uint32"
@@ -214,20 +219,29 @@ class WebService:
 
     def _writable(self, index: int, client: str) -> None:
         if not self.locks.holds(index, client) and not self.locks.acquire(index, client):
-            raise LockedError(f"image {self.session.items[index].name} is being labeled by someone else (read-only here)")
+            raise LockedError(
+                f"image {self.session.items[index].name} is being labeled by someone else (read-only here)"
+            )
 
-    def _save(self, index: int, w: ImageWork, window: Optional[str], status: Optional[str] = None) -> None:
+    def _save(self, index: int, w: ImageWork, window: str | None, status: str | None = None) -> None:
         intensity = {"modality": "ct" if window else "auto", "window": window}
-        self.session.save(index, w.labels, {"boxes": w.boxes, "model": self.model, "intensity": intensity, "source": "web"}, status=status)
+        self.session.save(
+            index,
+            w.labels,
+            {"boxes": w.boxes, "model": self.model, "intensity": intensity, "source": "web"},
+            status=status,
+        )
 
-    def check_box(self, index: int, box: Sequence[float]) -> List[float]:
+    def check_box(self, index: int, box: Sequence[float]) -> list[float]:
         """The box ordered and clipped to the image (the engine's rule); BoxError when it misses the image."""
-        from ..engine.validate import normalize_boxes
+        from napari_medsam.engine.validate import normalize_boxes
 
         shape = self.info(index)["shape"][-2:]
         return [float(v) for v in normalize_boxes(box, (int(shape[0]), int(shape[1])))[0]]
 
-    def accept(self, index: int, client: str, box: Sequence[float], z: Optional[int] = None, window: Optional[str] = None) -> int:
+    def accept(
+        self, index: int, client: str, box: Sequence[float], z: int | None = None, window: str | None = None
+    ) -> int:
         """Decode ``box`` with the engine's default path and save it as a new object; returns its id."""
         index, window = self.check_index(index), self.window_text(window)
         box = self.check_box(index, box)
@@ -242,7 +256,9 @@ class WebService:
         self.stats["accept_s"] += time.perf_counter() - t0
         return label
 
-    def edit(self, index: int, client: str, label: int, box: Sequence[float], z: Optional[int] = None, window: Optional[str] = None) -> None:
+    def edit(
+        self, index: int, client: str, label: int, box: Sequence[float], z: int | None = None, window: str | None = None
+    ) -> None:
         index, window = self.check_index(index), self.window_text(window)
         box = self.check_box(index, box)
         self._writable(index, client)
@@ -260,7 +276,7 @@ class WebService:
             w.delete(label)
             self._save(index, w, self._record_window(index))
 
-    def undo(self, index: int, client: str, redo: bool = False) -> Optional[str]:
+    def undo(self, index: int, client: str, redo: bool = False) -> str | None:
         index = self.check_index(index)
         self._writable(index, client)
         with self._mu:
@@ -270,7 +286,7 @@ class WebService:
                 self._save(index, w, self._record_window(index))
             return what
 
-    def _record_window(self, index: int) -> Optional[str]:
+    def _record_window(self, index: int) -> str | None:
         rec = self.session.load_record(index) or {}
         win = (rec.get("intensity") or {}).get("window")
         return None if not win else f"{win[0]:g},{win[1]:g}"
@@ -283,7 +299,7 @@ class WebService:
         self.session.set_status(index, status)
 
     # -- the session ----------------------------------------------------------------
-    def open(self, index: int, client: str) -> Dict[str, Any]:
+    def open(self, index: int, client: str) -> dict[str, Any]:
         index = self.check_index(index)
         if self.locks.acquire(index, client):
             with self._mu:
@@ -296,7 +312,7 @@ class WebService:
         pos = self.session.position
         if held.get(pos, client) == client:
             return pos
-        order = list(range(pos, len(self.session))) + list(range(0, pos))
+        order = list(range(pos, len(self.session))) + list(range(pos))
         for i in order:
             if held.get(i, client) == client and self.session.items[i].status in (NOT_STARTED, IN_PROGRESS):
                 return i
@@ -311,36 +327,49 @@ class WebService:
                 return i
         return index
 
-    def listing(self, client: str) -> Dict[str, Any]:
+    def listing(self, client: str) -> dict[str, Any]:
         held = self.locks.held()
         items = [
             {"index": i, "name": it.name, "status": it.status, "held": i in held and held[i] != client}
             for i, it in enumerate(self.session.items)
         ]
-        return {"items": items, "done": self.session.n_done, "total": len(items), "progress": self.session.progress_text()}
+        return {
+            "items": items,
+            "done": self.session.n_done,
+            "total": len(items),
+            "progress": self.session.progress_text(),
+        }
 
-    def state(self, index: int, client: str) -> Dict[str, Any]:
+    def state(self, index: int, client: str) -> dict[str, Any]:
         index = self.check_index(index)
         w = self.work(index)
         item = self.session.items[index]
         holder = self.locks.holder(index)
         return {
-            "index": index, "name": item.name, "status": item.status, **self.info(index),
+            "index": index,
+            "name": item.name,
+            "status": item.status,
+            **self.info(index),
             "readonly": holder is not None and holder != client,
-            "objects": w.objects(), "version": w.version,
-            "can_undo": bool(w.undo_stack), "can_redo": bool(w.redo_stack),
+            "objects": w.objects(),
+            "version": w.version,
+            "can_undo": bool(w.undo_stack),
+            "can_redo": bool(w.redo_stack),
             "window": self._record_window(index),
             "presets": {k: list(v) for k, v in CT_PRESETS.items()},
-            "model": self.model.name, "done": self.session.n_done, "total": len(self.session),
+            "model": self.model.name,
+            "done": self.session.n_done,
+            "total": len(self.session),
         }
 
-    def export(self) -> Dict[str, Any]:
-        from ..engine.export import export_session
+    def export(self) -> dict[str, Any]:
+        from napari_medsam.engine.export import export_session
 
         res = export_session(self.session)
         out = self.session.output_dir
         return {
-            "files": len(res.files), "folder": Path(res.out_dir).relative_to(out).as_posix(),
+            "files": len(res.files),
+            "folder": Path(res.out_dir).relative_to(out).as_posix(),
             "summary": None if res.summary_path is None else Path(res.summary_path).relative_to(out).as_posix(),
             "errors": res.errors,
         }

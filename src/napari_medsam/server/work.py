@@ -7,12 +7,13 @@ session opens what the browser saved and the other way round.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
-from ..engine.errors import MedSAMError
+from napari_medsam.engine.errors import MedSAMError
 
 HISTORY = 50
 
@@ -21,24 +22,31 @@ class EditError(MedSAMError, ValueError):
     """An edit names an object or slice the image does not have."""
 
 
-def box_entry(order: int, label: int, box: Sequence[float], z: Optional[int]) -> Dict[str, Any]:
+def box_entry(order: int, label: int, box: Sequence[float], z: int | None) -> dict[str, Any]:
     """A record box: x0, y0, x1, y1 (inclusive pixels) as napari rectangle vertices too."""
     x0, y0, x1, y1 = (float(v) for v in box)
     corners = [[y0, x0], [y0, x1], [y1, x1], [y1, x0]]
     verts = [[float(z)] + c for c in corners] if z is not None else corners
-    return {"order": order, "label": int(label), "type": "rectangle", "slice": z, "box": [x0, y0, x1, y1], "vertices": verts}
+    return {
+        "order": order,
+        "label": int(label),
+        "type": "rectangle",
+        "slice": z,
+        "box": [x0, y0, x1, y1],
+        "vertices": verts,
+    }
 
 
 @dataclass
 class ImageWork:
     labels: np.ndarray  # spatial shape: (H, W) or (D, H, W)
-    boxes: List[Dict[str, Any]] = field(default_factory=list)
-    undo_stack: List[Tuple[np.ndarray, List[Dict[str, Any]], str]] = field(default_factory=list)
-    redo_stack: List[Tuple[np.ndarray, List[Dict[str, Any]], str]] = field(default_factory=list)
+    boxes: list[dict[str, Any]] = field(default_factory=list)
+    undo_stack: list[tuple[np.ndarray, list[dict[str, Any]], str]] = field(default_factory=list)
+    redo_stack: list[tuple[np.ndarray, list[dict[str, Any]], str]] = field(default_factory=list)
     version: int = 0
 
     @classmethod
-    def empty(cls, shape: Tuple[int, ...]) -> "ImageWork":
+    def empty(cls, shape: tuple[int, ...]) -> ImageWork:
         return cls(np.zeros(shape, np.uint16))
 
     @property
@@ -49,7 +57,7 @@ class ImageWork:
         top = int(self.labels.max()) if self.labels.size else 0
         return max([top] + [int(b["label"]) for b in self.boxes]) + 1
 
-    def _plane(self, z: Optional[int]) -> np.ndarray:
+    def _plane(self, z: int | None) -> np.ndarray:
         if not self.volume:
             return self.labels
         if z is None or not 0 <= int(z) < self.labels.shape[0]:
@@ -70,7 +78,7 @@ class ImageWork:
         for i, b in enumerate(self.boxes):
             b["order"] = i
 
-    def add(self, box: Sequence[float], z: Optional[int], mask: np.ndarray) -> int:
+    def add(self, box: Sequence[float], z: int | None, mask: np.ndarray) -> int:
         """A new object from ``box`` and its mask (drawn over what is there); returns its label id."""
         plane = self._plane(z)
         label = self.next_label()
@@ -81,13 +89,13 @@ class ImageWork:
         self.boxes.append(box_entry(len(self.boxes), label, box, z))
         return label
 
-    def find(self, label: int, z: Optional[int]) -> int:
+    def find(self, label: int, z: int | None) -> int:
         for i, b in enumerate(self.boxes):
             if int(b["label"]) == int(label) and (not self.volume or b.get("slice") == z):
                 return i
         raise EditError(f"no box of object {label}" + (f" on slice {z}" if self.volume else ""))
 
-    def edit(self, label: int, box: Sequence[float], z: Optional[int], mask: np.ndarray) -> None:
+    def edit(self, label: int, box: Sequence[float], z: int | None, mask: np.ndarray) -> None:
         """Re-segment object ``label`` from a moved box: its pixels on that slice are replaced."""
         i = self.find(label, z)
         self._push("edit")
@@ -104,7 +112,7 @@ class ImageWork:
         self.boxes = [b for b in self.boxes if int(b["label"]) != int(label)]
         self._renumber()
 
-    def undo(self) -> Optional[str]:
+    def undo(self) -> str | None:
         if not self.undo_stack:
             return None
         labels, boxes, what = self.undo_stack.pop()
@@ -113,7 +121,7 @@ class ImageWork:
         self.version += 1
         return what
 
-    def redo(self) -> Optional[str]:
+    def redo(self) -> str | None:
         if not self.redo_stack:
             return None
         labels, boxes, what = self.redo_stack.pop()
@@ -122,12 +130,14 @@ class ImageWork:
         self.version += 1
         return what
 
-    def objects(self) -> List[Dict[str, Any]]:
+    def objects(self) -> list[dict[str, Any]]:
         ids, counts = np.unique(self.labels, return_counts=True)
-        pixels = {int(i): int(c) for i, c in zip(ids, counts) if i > 0}
+        pixels = {int(i): int(c) for i, c in zip(ids, counts, strict=True) if i > 0}
         out = {}
         for b in self.boxes:
-            out.setdefault(int(b["label"]), {"label": int(b["label"]), "pixels": pixels.get(int(b["label"]), 0), "boxes": []})
+            out.setdefault(
+                int(b["label"]), {"label": int(b["label"]), "pixels": pixels.get(int(b["label"]), 0), "boxes": []}
+            )
             out[int(b["label"])]["boxes"].append({"box": b["box"], "slice": b.get("slice")})
         for i, c in pixels.items():
             out.setdefault(i, {"label": i, "pixels": c, "boxes": []})

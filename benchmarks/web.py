@@ -1,0 +1,212 @@
+"""Benchmark of `napari-medsam serve` (issue 16): the drag in a real browser, the server under N labelers.
+
+1. Browser: headless Chromium (Debian's /usr/bin/chromium, via Playwright) on the bundled
+   512 x 512 fluorescence sample; a 40-move drag with real mouse events paced like a mouse
+   (one move per 16.7 ms); per run: previews per second, previews per move, move -> painted
+   p50/p95 (pointer event timestamp -> the preview drawn in the next animation frame) and the
+   wasm decode time alone. Beside it, in the same run, ONNX Runtime (native, 1 thread) on the
+   same ONNX file: the ratio says how much is wasm and how much is this machine's load.
+2. Server: 1, 4 and 8 simulated labelers (threads speaking HTTP to one server), each opening
+   its own images (embedding fetch = one encode through the shared queue) and accepting
+   boxes; time to the embedding, accept latency p50/p95, accepts per second.
+
+    python benchmarks/web.py [--runs 3] [--out /tmp/web_bench.json]
+
+Prints JSON; docs/benchmarks_web.md is written by hand from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+SAMPLES = Path(__file__).resolve().parents[1] / "src" / "napari_medsam" / "samples"
+
+
+def pct(v, p):
+    v = sorted(v)
+    return float(v[min(len(v) - 1, int(p * len(v)))]) if v else float("nan")
+
+
+def browser_drag(url, runs, threads):
+    from playwright.sync_api import sync_playwright
+
+    out = []
+    with sync_playwright() as p:
+        br = p.chromium.launch(executable_path="/usr/bin/chromium")
+        page = br.new_page(viewport={"width": 1400, "height": 860})
+        page.goto(f"{url}/?image=0&threads={threads}")
+        page.wait_for_function("window.medsam && window.medsam.ready", timeout=300_000)
+        for r in range(runs + 1):  # the first run warms the wasm session up
+            page.evaluate("window.medsam.resetStats()")
+            a = page.evaluate("window.medsam.imageToClient(150, 120)")
+            c = page.evaluate("window.medsam.imageToClient(250, 220)")
+            page.mouse.move(a["x"], a["y"])
+            page.mouse.down()
+            t0 = time.perf_counter()
+            for k in range(1, 41):
+                f = k / 40
+                page.mouse.move(a["x"] + (c["x"] - a["x"]) * f, a["y"] + (c["y"] - a["y"]) * f)
+                page.wait_for_timeout(16.7)
+            dt = time.perf_counter() - t0
+            page.wait_for_timeout(2000)
+            st = page.evaluate("window.medsam.stats")
+            page.keyboard.press("Escape")
+            page.mouse.up()
+            if r == 0:
+                continue
+            lat = st["latency_ms"]
+            out.append(
+                {
+                    "moves": st["moves"],
+                    "previews": st["previews"],
+                    "drag_s": dt,
+                    "previews_per_s": st["previews"] / dt,
+                    "latency_p50_ms": pct(lat, 0.5),
+                    "latency_p95_ms": pct(lat, 0.95),
+                    "decode_p50_ms": pct(st["decode_ms"], 0.5),
+                    "decode_p95_ms": pct(st["decode_ms"], 0.95),
+                }
+            )
+        br.close()
+    return out
+
+
+def native_decode_ms(decoder, n=20):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(str(decoder), so, providers=["CPUExecutionProvider"])
+    emb = np.random.default_rng(0).standard_normal((1, 256, 64, 64)).astype(np.float16)
+    times = []
+    for i in range(n + 2):
+        t = time.perf_counter()
+        s.run(None, {"embedding": emb, "box": np.array([[20 + i, 20, 120, 120]], np.float32)})
+        times.append((time.perf_counter() - t) * 1000)
+    return {"p50_ms": pct(times[2:], 0.5), "p95_ms": pct(times[2:], 0.95)}
+
+
+def call(url, method="GET", body=None, client="c"):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", "X-Medsam-Client": client}
+    )
+    with urllib.request.urlopen(req, timeout=900) as r:
+        return r.read()
+
+
+def labelers(url, n, per, boxes):
+    res = {"embed_s": [], "accept_s": []}
+    lock = threading.Lock()
+
+    def one(k):
+        client = f"labeler-{k}"
+        for j in range(per):
+            i = k * per + j
+            call(f"{url}/api/open/{i}", "POST", client=client)
+            t = time.perf_counter()
+            call(f"{url}/api/images/{i}/embedding", client=client)
+            e = time.perf_counter() - t
+            acc = []
+            for b in boxes:
+                t = time.perf_counter()
+                call(f"{url}/api/images/{i}/objects", "POST", {"box": b}, client)
+                acc.append(time.perf_counter() - t)
+            with lock:
+                res["embed_s"].append(e)
+                res["accept_s"].extend(acc)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=one, args=(k,)) for k in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    a = res["accept_s"]
+    return {
+        "labelers": n,
+        "images": n * per,
+        "accepts": len(a),
+        "wall_s": wall,
+        "accepts_per_s": len(a) / wall,
+        "embed_p50_s": pct(res["embed_s"], 0.5),
+        "embed_max_s": max(res["embed_s"]),
+        "accept_p50_ms": 1000 * pct(a, 0.5),
+        "accept_p95_ms": 1000 * pct(a, 0.95),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument("--skip-browser", action="store_true")
+    a = ap.parse_args()
+    import torch
+
+    from napari_medsam.engine.predictor import MedSAM
+    from napari_medsam.server import ServerThread, build
+
+    work = Path(tempfile.mkdtemp(prefix="medsam-webbench-"))
+    model = MedSAM.load("litemedsam", device="cpu")
+    report = {
+        "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg(), "torch_threads": torch.get_num_threads()}
+    }
+    if not a.skip_browser:
+        imgs = work / "drag"
+        imgs.mkdir()
+        shutil.copy(SAMPLES / "dsb2018_nuclei.png", imgs / "dsb2018_nuclei.png")  # 512 x 512
+        b = build(imgs, work / "drag-out", model_obj=model, web_cache=work / "web", prefetch=False, lease_s=2.0)
+        srv = ServerThread(b.app).start()
+        for threads in (1, 2):
+            runs = browser_drag(srv.url, a.runs, threads)
+            report[f"browser_threads_{threads}"] = {"runs": runs, "load": os.getloadavg()}
+            time.sleep(3)  # the closed page's hold on the image lapses (lease 2 s)
+        report["native_ort_1_thread"] = native_decode_ms(b.decoder)
+        srv.stop()
+        b.service.close()
+    if not a.skip_server:
+        from napari_medsam.engine.io import read_image
+
+        src = read_image(SAMPLES / "busi_malignant_1.png").array
+        imgs = work / "many"
+        imgs.mkdir()
+        import cv2
+
+        for i in range(16):  # 16 distinct real images: shifted crops of the sample (distinct embeddings)
+            crop = src[i * 4 : i * 4 + 520, i * 2 : i * 2 + 440]
+            cv2.imwrite(str(imgs / f"img{i:02d}.png"), crop[..., ::-1])
+        boxes = [[8, 133, 400, 380], [100, 150, 300, 350], [30, 60, 200, 220]]
+        report["server"] = []
+        for n in (1, 4, 8):
+            out = work / f"many-out-{n}"
+            b = build(imgs, out, model_obj=model, web_cache=work / "web", prefetch=False)
+            model.cache.clear()  # every run encodes its images (no hits from the previous one)
+            srv = ServerThread(b.app).start()
+            r = labelers(srv.url, n, 2, boxes)
+            r["encodes"] = b.service.queue.encodes
+            r["load"] = os.getloadavg()
+            report["server"].append(r)
+            srv.stop()
+            b.service.close()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
