@@ -550,3 +550,19 @@ def test_unsupported_write_suffix_is_a_write_error(tmp_path, name):
     assert not isinstance(exc.value, ReadError)
     assert isinstance(exc.value, MedSAMError)
     assert not list(tmp_path.iterdir())
+
+
+def test_napari_reader_uses_the_same_dicom_rule(tmp_path):
+    """The plugin's reader took any folder holding a suffix-less file (a README) for a DICOM series."""
+    from napari_medsam._reader import napari_get_reader, read_layers
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "README").write_text("not an image\n" * 20)
+    assert napari_get_reader(str(docs)) is None
+    _series(tmp_path / "ct", n=2)
+    assert napari_get_reader(str(tmp_path / "ct")) is read_layers
+    single = tmp_path / "IM.1.2.840.5"
+    single.write_bytes(_dicom_bytes(tmp_path))
+    assert napari_get_reader(str(single)) is read_layers
+    assert napari_get_reader(str(docs / "README")) is None

@@ -11,15 +11,14 @@ import os
 from pathlib import Path
 
 from .engine.errors import MedSAMError
-from .engine.io import read_image
+from .engine.io import holds_dicom, is_dicom_file, read_image
 
 SUFFIXES = (".nii", ".nii.gz", ".dcm", ".dicom", ".tif", ".tiff")
 
 
 def _is_dicom_dir(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    return any(p.suffix.lower() in (".dcm", ".dicom") or p.suffix == "" for p in path.iterdir() if p.is_file())
+    # engine.io's one DICOM rule (.dcm/.dicom or the 128-byte preamble + DICM): a folder with a README is not DICOM
+    return holds_dicom(path)
 
 
 def napari_get_reader(path):
@@ -29,7 +28,7 @@ def napari_get_reader(path):
             return None
         path = path[0]
     p = Path(os.fspath(path))
-    if p.name.lower().endswith(SUFFIXES) or _is_dicom_dir(p):
+    if p.name.lower().endswith(SUFFIXES) or _is_dicom_dir(p) or is_dicom_file(p):
         return read_layers
     return None
 
