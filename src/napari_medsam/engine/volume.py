@@ -180,7 +180,9 @@ class PropagationResult:
 
 # -- input checks -------------------------------------------------------------
 # check_volume, the slice-index and box checks live in engine/validate.py.
-def volume_to_uint8(volume, modality: str = "auto", window: WindowLike = None) -> Tuple[np.ndarray, Intensity, bool]:
+def volume_to_uint8(
+    volume: np.ndarray, modality: str = "auto", window: WindowLike = None
+) -> Tuple[np.ndarray, Intensity, bool]:
     """Validate and convert a whole volume to 8-bit at once (volume-wide percentiles).
 
     Returns ((D, H, W) or (D, H, W, 3) uint8, the rule applied, is_rgb); see
