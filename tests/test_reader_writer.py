@@ -7,10 +7,10 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_medsam import _sample_data  # noqa: E402
-from napari_medsam._reader import napari_get_reader  # noqa: E402
-from napari_medsam._writer import write_labels_layer  # noqa: E402
-from napari_medsam.engine.io import read_image  # noqa: E402
+from napari_medsam import _sample_data
+from napari_medsam._reader import napari_get_reader
+from napari_medsam._writer import write_labels_layer
+from napari_medsam.engine.io import read_image
 
 
 def test_manifest_is_valid():
