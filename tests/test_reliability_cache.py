@@ -242,7 +242,7 @@ CORRUPTIONS = {
         }
     ),
     "object_array": lambda data, emb: _npz(**{**_good_arrays(emb), "model": np.array([{"a": 1}], dtype=object)}),
-    "other_model": lambda data, emb: _npz(**{**_good_arrays(emb), "model": np.array("medsam")}),
+    "no_model_name": lambda data, emb: _npz(**{**_good_arrays(emb), "model": np.array("")}),
     "bad_sizes": lambda data, emb: _npz(**{**_good_arrays(emb), "original": np.array([1, 2, 3])}),
     "plain_npy": lambda data, emb: _npy(emb.features.numpy()),
     "zip_of_text": lambda data, emb: _zip_text(),

@@ -332,8 +332,8 @@ def _decode_entry(data: bytes, key: str) -> Embedding:
     if str(checksum) != content_hash(feats):
         raise CorruptEntry("checksum mismatch")
     name = str(model)
-    if not key.startswith(f"{name}-"):
-        raise CorruptEntry(f"entry of model {name!r} under key {key!r}")
+    if not name:
+        raise CorruptEntry("no model name")
     return Embedding(
         torch.from_numpy(feats.copy()),
         (int(original[0]), int(original[1])),
