@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +31,6 @@ from napari_medsam.engine.session import (
     DONE,
     IN_PROGRESS,
     NOT_STARTED,
-    SKIPPED,
     LabelingSession,
     SessionError,
     boxes_from_layer,
@@ -75,9 +73,17 @@ def folder(shared_data, tmp_path):
 def test_listing_status_navigation(folder, tmp_path):
     s = LabelingSession(folder, tmp_path / "out")
     assert [it.name for it in s.items] == [
-        "ct/amos_0004_75.png", "ct/lesion.nii.gz", "mr_slice.nii.gz", "nuclei.png", "xray_1.png",
+        "ct/amos_0004_75.png",
+        "ct/lesion.nii.gz",
+        "mr_slice.nii.gz",
+        "nuclei.png",
+        "xray_1.png",
     ]
-    assert [it.labels_name for it in s.items][:3] == ["labels/ct/amos_0004_75.tif", "labels/ct/lesion.nii.gz", "labels/mr_slice.nii.gz"]
+    assert [it.labels_name for it in s.items][:3] == [
+        "labels/ct/amos_0004_75.tif",
+        "labels/ct/lesion.nii.gz",
+        "labels/mr_slice.nii.gz",
+    ]
     assert s.counts()[NOT_STARTED] == 5 and s.progress_text() == "0/5 done"
     assert s.next() == 1 and s.next() == 2 and s.previous() == 1
     assert s.jump(4) == 4 and s.next() == 4, "next stays on the last image"
@@ -126,13 +132,17 @@ def test_round_trip_and_resume(folder, tmp_path, monkeypatch):
     lab2d = np.zeros(img.array.shape[:2], np.uint32)
     lab2d[237:295, 153:222] = 1
     lab2d[203:230, 289:316] = 2
-    boxes2d = boxes_from_layer([rect(None, 237, 153, 294, 221), rect(None, 203.25, 289, 229.5, 315)], ["rectangle"] * 2, [1, 2])
+    boxes2d = boxes_from_layer(
+        [rect(None, 237, 153, 294, 221), rect(None, 203.25, 289, 229.5, 315)], ["rectangle"] * 2, [1, 2]
+    )
     model = {"name": "litemedsam", "checkpoint": str(ckpt)}
     rec = s.save(i2d, lab2d, {"boxes": boxes2d, "model": model, "intensity": {"modality": "auto", "window": None}})
     assert rec["model"]["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert rec["napari_medsam_version"] == __version__
     assert [o["label"] for o in rec["objects"]] == [1, 2]
-    assert rec["objects"][1]["prompts"] == [{"order": 1, "type": "rectangle", "slice": None, "box": [289.0, 203.25, 315.0, 229.5]}]
+    assert rec["objects"][1]["prompts"] == [
+        {"order": 1, "type": "rectangle", "slice": None, "box": [289.0, 203.25, 315.0, 229.5]}
+    ]
     assert rec["objects"][0]["pixels"] == 58 * 69 and rec["objects"][0]["propagation"] is None
     s.save(i2d, lab2d, {"boxes": boxes2d, "model": model})
     assert len(calls) == 1, "the checkpoint digest is computed once per file"
@@ -141,8 +151,20 @@ def test_round_trip_and_resume(folder, tmp_path, monkeypatch):
     labvol = np.zeros(vol.array.shape, np.uint16)
     labvol[4:9, 200:260, 180:250] = 3  # propagated object
     labvol[7, 100:120, 100:130] = 4  # a single-slice object
-    boxes3d = boxes_from_layer([rect(6, 200, 180, 259, 249), rect(7, 100, 100, 119, 129), rect(2, 10, 10, 40, 40)], ["rectangle"] * 3, [3, 4, 0])
-    s.save(ivol, labvol, {"boxes": boxes3d, "model": model, "intensity": {"modality": "ct", "window": "40,400", "choice": "CT level/width"}})
+    boxes3d = boxes_from_layer(
+        [rect(6, 200, 180, 259, 249), rect(7, 100, 100, 119, 129), rect(2, 10, 10, 40, 40)],
+        ["rectangle"] * 3,
+        [3, 4, 0],
+    )
+    s.save(
+        ivol,
+        labvol,
+        {
+            "boxes": boxes3d,
+            "model": model,
+            "intensity": {"modality": "ct", "window": "40,400", "choice": "CT level/width"},
+        },
+    )
     sl = s.read(islice)
     assert sl.kind == "2d" and sl.spacing is not None
     labsl = np.zeros(sl.array.shape, np.uint8)
@@ -173,7 +195,7 @@ def test_round_trip_and_resume(folder, tmp_path, monkeypatch):
     # boxes come back bit for bit (float32 vertices, order, types, label ids incl. an unaccepted box)
     data, types, ids = r.layer_state(ivol)
     assert types == ["rectangle"] * 3 and ids.tolist() == [3, 4, 0]
-    for a, b in zip(data, [rect(6, 200, 180, 259, 249), rect(7, 100, 100, 119, 129), rect(2, 10, 10, 40, 40)]):
+    for a, b in zip(data, [rect(6, 200, 180, 259, 249), rect(7, 100, 100, 119, 129), rect(2, 10, 10, 40, 40)], strict=False):
         np.testing.assert_array_equal(a.astype(np.float32), b)
     assert layer_from_boxes(boxes2d)[2].tolist() == [1, 2]
 
@@ -217,7 +239,10 @@ def test_embedding_cache_is_on_disk_and_capped(folder, tmp_path):
 def test_export_npz_and_csv(folder, tmp_path):
     s = LabelingSession(folder, tmp_path / "out")
     names = [it.name for it in s.items]
-    i2d, ivol, islice, inuc, ixray = (names.index(n) for n in ("ct/amos_0004_75.png", "ct/lesion.nii.gz", "mr_slice.nii.gz", "nuclei.png", "xray_1.png"))
+    i2d, ivol, islice, inuc, ixray = (
+        names.index(n)
+        for n in ("ct/amos_0004_75.png", "ct/lesion.nii.gz", "mr_slice.nii.gz", "nuclei.png", "xray_1.png")
+    )
     img = s.read(i2d).array
     lab = np.zeros(img.shape[:2], np.uint8)
     lab[10:20, 10:30] = 1
@@ -240,7 +265,10 @@ def test_export_npz_and_csv(folder, tmp_path):
     res = export_session(s, tmp_path / "export")
     assert not res.errors
     assert sorted(p.relative_to(tmp_path / "export").as_posix() for p in res.files) == [
-        "ct/amos_0004_75.npz", "ct/lesion.npz", "mr_slice.npz", "nuclei.npz",
+        "ct/amos_0004_75.npz",
+        "ct/lesion.npz",
+        "mr_slice.npz",
+        "nuclei.npz",
     ], "skipped images are left out"
 
     z = np.load(tmp_path / "export" / "ct" / "amos_0004_75.npz")
@@ -270,7 +298,8 @@ def test_export_npz_and_csv(folder, tmp_path):
         by.setdefault(row["image"], []).append(row)
     a = by["ct/amos_0004_75.png"]
     assert [(r["label"], r["pixels"], r["size"], r["unit"], r["n_objects"]) for r in a] == [
-        ("1", "200", "200", "px", "2"), ("2", "50", "50", "px", "2"),
+        ("1", "200", "200", "px", "2"),
+        ("2", "50", "50", "px", "2"),
     ]
     (v,) = by["ct/lesion.nii.gz"]
     assert v["unit"] == "mm3" and v["label"] == "300" and v["pixels"] == str(3 * 10 * 20)
@@ -329,7 +358,9 @@ def test_kill_during_saves_never_loses_an_accepted_label(shared_data, tmp_path):
     kills = 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for round_ in range(5):
-        proc = subprocess.Popen([sys.executable, str(script), str(src), str(out)], stdout=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), str(src), str(out)], stdout=subprocess.PIPE, text=True, env=env
+        )
         try:
             assert proc.stdout.readline().strip() == "ready"
             acks, t_end = 0, time.monotonic() + rnd.uniform(0.3, 2.0)

@@ -67,7 +67,7 @@ def overlay(
     out = out.astype(np.uint8)
     if box is not None:
         h, w = m.shape
-        x0, y0, x1, y1 = [int(round(v)) for v in box]
+        x0, y0, x1, y1 = [round(float(v)) for v in box]
         x0, x1 = max(0, min(x0, w - 1)), max(0, min(x1, w - 1))
         y0, y1 = max(0, min(y0, h - 1)), max(0, min(y1, h - 1))
         green = (0, 230, 0)

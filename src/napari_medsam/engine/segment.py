@@ -21,7 +21,9 @@ from .intensity import WindowLike, convert, gray_to_rgb, parse_window
 from .io import ImageData
 from .models.registry import ModelSpec, get_spec
 from .predictor import MedSAM
+from .types import Segmenter
 from .validate import parse_box
+from .volume import segment_volume
 
 Box = tuple[float, float, float, float]
 
@@ -121,7 +123,7 @@ class Segmentation:
 class ImageSegmenter:
     """One image read once, with its embeddings, answering many prompts."""
 
-    def __init__(self, model: MedSAM, image: ImageData):
+    def __init__(self, model: Segmenter, image: ImageData):
         self.model = model
         self.image = image
         self._emb: dict[tuple, Embedding] = {}
@@ -198,7 +200,7 @@ class ImageSegmenter:
         kwargs: dict[str, Any] = {"modality": modality, "window": win, "stats": stats}
         if z_range is not None:
             kwargs["z_range"] = z_range
-        mask = np.asarray(self.model.segment_volume(self.image.array, box, slice, **kwargs)).astype(bool)
+        mask = np.asarray(segment_volume(self.model, self.image.array, box, slice, **kwargs)).astype(bool)
         if mask.shape != self.spatial_shape:
             raise ImageError(f"3D propagation returned shape {mask.shape}, expected {self.spatial_shape}")
         key = [s for s in stats.get("slices", []) if s.get("direction") == "key"]

@@ -29,6 +29,7 @@ from napari_medsam.engine.io import read_image, write_labels
 from napari_medsam.engine.metrics import dice, nsd
 from napari_medsam.engine.predictor import MedSAM
 from napari_medsam.engine.segment import ImageSegmenter, check_device, load_model, model_spec
+from napari_medsam.engine.types import Segmenter
 
 from .prompts import PromptRow, group_rows, read_prompts
 from .results import SUMMARY_FIELDS, SUMMARY_NAME, BatchResult, RowResult, write_summary
@@ -102,7 +103,9 @@ def _log_unexpected(exc: BaseException, what: str) -> None:
         log.warning("napari-medsam batch: %s failed unexpectedly", what, exc_info=exc)
 
 
-def run_group(model: MedSAM, rows: Sequence[PromptRow], out_dir: PathLike, base: Path | None = None) -> list[RowResult]:
+def run_group(
+    model: Segmenter, rows: Sequence[PromptRow], out_dir: PathLike, base: Path | None = None
+) -> list[RowResult]:
     """Run the rows of one image (read and encoded once); never raises for a row's problem."""
     out_dir = Path(out_dir)
     results = [_base_result(r) for r in rows]
