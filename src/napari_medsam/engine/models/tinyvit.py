@@ -15,13 +15,12 @@ Differences from MobileSAM's TinyViT, all required by the checkpoint:
 from __future__ import annotations
 
 import itertools
-from typing import Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
+from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 from torch.nn import functional as F
-
-from segment_anything.modeling.common import LayerNorm2d
 
 
 class ConvBN(nn.Sequential):
@@ -62,7 +61,7 @@ class MBConv(nn.Module):
 class PatchMerging(nn.Module):
     """Token grid (B, C, H, W) or (B, H*W, C) to (B, H'*W', C') tokens."""
 
-    def __init__(self, resolution: Tuple[int, int], dim: int, out_dim: int, stride: int):
+    def __init__(self, resolution: tuple[int, int], dim: int, out_dim: int, stride: int):
         super().__init__()
         self.resolution = resolution
         self.conv1 = ConvBN(dim, out_dim)
@@ -81,7 +80,7 @@ class PatchMerging(nn.Module):
 
 
 class ConvStage(nn.Module):
-    def __init__(self, dim: int, depth: int, expand: float, downsample: nn.Module):
+    def __init__(self, dim: int, depth: int, expand: float, downsample: nn.Module | None):
         super().__init__()
         self.blocks = nn.ModuleList(MBConv(dim, expand) for _ in range(depth))
         self.downsample = downsample
@@ -89,7 +88,7 @@ class ConvStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             x = block(x)
-        return self.downsample(x)
+        return x if self.downsample is None else self.downsample(x)
 
 
 class Mlp(nn.Module):
@@ -107,11 +106,13 @@ class Mlp(nn.Module):
 class WindowAttention(nn.Module):
     """Multi-head attention inside a window with a learned relative-offset bias."""
 
+    attention_bias_idxs: torch.Tensor  # buffer registered in __init__
+
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
         self.num_heads = num_heads
         self.key_dim = dim // num_heads
-        self.scale = self.key_dim ** -0.5
+        self.scale = self.key_dim**-0.5
         self.norm = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -139,7 +140,9 @@ class WindowAttention(nn.Module):
 
 
 class TinyViTBlock(nn.Module):
-    def __init__(self, dim: int, resolution: Tuple[int, int], num_heads: int, window: int, mlp_ratio: float, local_conv: int):
+    def __init__(
+        self, dim: int, resolution: tuple[int, int], num_heads: int, window: int, mlp_ratio: float, local_conv: int
+    ):
         super().__init__()
         self.resolution = resolution
         self.window = window
@@ -175,7 +178,17 @@ class TinyViTBlock(nn.Module):
 
 
 class AttentionStage(nn.Module):
-    def __init__(self, dim, resolution, depth, num_heads, window, mlp_ratio, local_conv, downsample):
+    def __init__(
+        self,
+        dim: int,
+        resolution: tuple[int, int],
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        local_conv: int,
+        downsample: nn.Module | None,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(
             TinyViTBlock(dim, resolution, num_heads, window, mlp_ratio, local_conv) for _ in range(depth)
