@@ -90,8 +90,25 @@ def test_box_starting_left_of_the_image_as_a_separate_argument(model, tmp_path, 
 
 def test_negative_ct_window_level_as_a_separate_argument(model, tmp_path, capsys):
     out = tmp_path / "m.nii.gz"
-    rc, err = _main(["segment", str(CT), "--box", "100,100,200,200", "--slice", "15", "--window", "-600,1500",
-                     "--modality", "ct", "-o", str(out), "--device", "cpu"], capsys)
+    rc, err = _main(
+        [
+            "segment",
+            str(CT),
+            "--box",
+            "100,100,200,200",
+            "--slice",
+            "15",
+            "--window",
+            "-600,1500",
+            "--modality",
+            "ct",
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert out.is_file()
 
@@ -162,9 +179,21 @@ def test_console_entry_accepts_negative_box(tmp_path):
     src = str(Path(napari_medsam.__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     p = subprocess.run(
-        [sys.executable, "-m", "napari_medsam.cli", "segment", str(tmp_path / "none.png"), "--box", "-5,0,10,10",
-         "-o", str(tmp_path / "m.tif")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "napari_medsam.cli",
+            "segment",
+            str(tmp_path / "none.png"),
+            "--box",
+            "-5,0,10,10",
+            "-o",
+            str(tmp_path / "m.tif"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert p.returncode == 2
     line = _errline(p.stderr)
