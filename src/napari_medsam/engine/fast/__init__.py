@@ -124,8 +124,9 @@ class Accelerator:
 
         Runs on the calling thread with torch's thread setting as it is.
         """
-        assert self.decoder is not None, "decode() needs the fused decoder"
         dec = self.decoder
+        if dec is None:
+            raise RuntimeError(f"decode() needs the fused decoder; this accelerator has {self.describe()}")
         recipe = model.recipe
         st = dec.image_state(embedding.features, embedding.key)
         resized, original = embedding.resized, embedding.original_size
