@@ -27,8 +27,10 @@ def ensure_vendor() -> None:
         return
     npm = shutil.which("npm")
     if npm is None or not os.path.exists(os.path.join(WEB, "package.json")):
-        print("warning: npm or web/ missing: ONNX Runtime Web not bundled; `napari-medsam serve` "
-              "will decode previews on the server")
+        print(
+            "warning: npm or web/ missing: ONNX Runtime Web not bundled; `napari-medsam serve` "
+            "will decode previews on the server"
+        )
         return
     subprocess.check_call([npm, "ci", "--no-audit", "--no-fund"], cwd=WEB)
     subprocess.check_call([npm, "run", "build"], cwd=WEB)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from _data import SAMPLES, read_gray
 
 pytestmark = pytest.mark.browser
@@ -145,7 +146,9 @@ def test_edit_delete_undo_redo(browser, serve, tmp_path):
     # object 1 is selected after accept: drag its bottom-right corner inwards = re-segment
     page.wait_for_timeout(300)
     c = page.evaluate(f"window.medsam.imageToClient({BUSI_BOX[2]}, {BUSI_BOX[3]})")
-    scale = page.evaluate("(() => { const a = window.medsam.imageToClient(0, 0), b = window.medsam.imageToClient(1, 0); return b.x - a.x; })()")
+    scale = page.evaluate(
+        "(() => { const m = window.medsam; return m.imageToClient(1, 0).x - m.imageToClient(0, 0).x; })()"
+    )
     cx, cy = c["x"] + scale / 2, c["y"] + scale / 2  # the handle sits on the box's outer corner
     page.mouse.move(cx, cy)
     page.mouse.down()
@@ -158,13 +161,19 @@ def test_edit_delete_undo_redo(browser, serve, tmp_path):
     edited = (saved_labels(tmp_path / "out", "busi_malignant_1.png") == 1).sum()
     assert 0 < edited < first
     page.keyboard.press("Delete")
-    page.wait_for_function("fetch('/api/images/0').then(r => r.json()).then(s => s.objects.length == 0)", timeout=60_000)
+    page.wait_for_function(
+        "fetch('/api/images/0').then(r => r.json()).then(s => s.objects.length == 0)", timeout=60_000
+    )
     assert saved_labels(tmp_path / "out", "busi_malignant_1.png").max() == 0
     page.keyboard.press("Control+z")
-    page.wait_for_function("fetch('/api/images/0').then(r => r.json()).then(s => s.objects.length == 1)", timeout=60_000)
+    page.wait_for_function(
+        "fetch('/api/images/0').then(r => r.json()).then(s => s.objects.length == 1)", timeout=60_000
+    )
     assert (saved_labels(tmp_path / "out", "busi_malignant_1.png") == 1).sum() == edited
     page.keyboard.press("Control+Shift+z")
-    page.wait_for_function("fetch('/api/images/0').then(r => r.json()).then(s => s.objects.length == 0)", timeout=60_000)
+    page.wait_for_function(
+        "fetch('/api/images/0').then(r => r.json()).then(s => s.objects.length == 0)", timeout=60_000
+    )
 
 
 def test_next_previous_and_mark_done(browser, serve, tmp_path):

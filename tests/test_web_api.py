@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from _data import SAMPLES
 
 pytest.importorskip("fastapi")
@@ -38,7 +39,9 @@ def server(lite, images, tmp_path_factory):
 
 def call(url, method="GET", body=None, headers=None):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
             return r.status, r.read(), r.headers
@@ -46,17 +49,20 @@ def call(url, method="GET", body=None, headers=None):
         return e.code, e.read(), e.headers
 
 
-@pytest.mark.parametrize("path", [
-    "/api/by-name?name=../secret.png",
-    "/api/by-name?name=%2Fetc%2Fpasswd",
-    "/api/by-name?name=..%2F..%2Fsecret.png",
-    "/static/../service.py",
-    "/static/%2e%2e/service.py",
-    "/static/..%2fservice.py",
-    "/api/images/2",
-    "/api/images/-1/image.png",
-    "/api/images/../../secret.png",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/by-name?name=../secret.png",
+        "/api/by-name?name=%2Fetc%2Fpasswd",
+        "/api/by-name?name=..%2F..%2Fsecret.png",
+        "/static/../service.py",
+        "/static/%2e%2e/service.py",
+        "/static/..%2fservice.py",
+        "/api/images/2",
+        "/api/images/-1/image.png",
+        "/api/images/../../secret.png",
+    ],
+)
 def test_paths_outside_images_are_refused(server, path):
     srv, _, _ = server
     status, body, _ = call(srv.url + path)
