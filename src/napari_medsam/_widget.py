@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._annotator.annotator import BoxAnnotator
+from ._annotator.steering import HELP, Steering
 from ._annotator.options import VIT_FAST, guard_triton, lite_options
 from .engine.intensity import CT_PRESETS, parse_channels, window_from_limits
 from .engine.models.registry import REGISTRY
@@ -101,8 +102,9 @@ class MedSAMWidget(QWidget):
         )
         self.redo_btn = QPushButton("Redo", toolTip="Redo (Ctrl+Shift+Z on the boxes layer)")
         self.prop_btn = QPushButton(
-            "Propagate 3D", toolTip="Propagate the selected box's object through the volume (Shift+P)"
+            "Propagate 3D", toolTip="Propagate the selected box's object through the volume (Shift+P). " + HELP
         )
+        self.zclear_btn = QPushButton("Clear z-range", toolTip="Forget the z-range set with [ and ] (\\)")
         self.cancel_btn = QPushButton("Cancel", toolTip="Stop a running propagation")
         self.progress = QProgressBar(maximum=1, value=1, textVisible=False)
         self.status = QLabel("pick an image layer", wordWrap=True)
@@ -132,6 +134,7 @@ class MedSAMWidget(QWidget):
                 r.addWidget(b)
             layout.addLayout(r)
         layout.addWidget(self.cancel_btn)
+        layout.addWidget(self.zclear_btn)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
         layout.addStretch()
@@ -140,7 +143,9 @@ class MedSAMWidget(QWidget):
         self.undo_btn.clicked.connect(lambda: self.controller and self.controller.undo())
         self.redo_btn.clicked.connect(lambda: self.controller and self.controller.redo())
         self.delete_btn.clicked.connect(lambda: self.controller and self.controller.delete_selected())
-        self.prop_btn.clicked.connect(lambda: self.controller and self.controller.propagate_selected())
+        self.steering = Steering(self.viewer, report=self.set_status)
+        self.prop_btn.clicked.connect(lambda: self.controller and self.steering.propagate())
+        self.zclear_btn.clicked.connect(self.steering.clear)
         self.cancel_btn.clicked.connect(self._cancel)
         self.label_spin.valueChanged.connect(self._set_next_label)
         self.image_combo.activated.connect(lambda _: self.start())
@@ -275,6 +280,7 @@ class MedSAMWidget(QWidget):
         try:
             modality, window = self.intensity(image)
             self.controller.attach(image, modality, window, self.channels(image))
+            self.steering.attach(self.controller)
             self._applied_channels = self.channels_edit.text().strip()
             self.label_spin.blockSignals(True)
             self.label_spin.setValue(self.controller.next_label)
