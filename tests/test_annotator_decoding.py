@@ -75,7 +75,7 @@ def test_preview_and_accept_masks(decoder, lite, case_and_embedding):
     region = preview_region(case.box, emb.original_size)
     assert prev.region == region and acc.region is None
     np.testing.assert_array_equal(prev.prediction.masks[0], lite.predict(emb, case.box, region=region).masks[0])
-    np.testing.assert_array_equal(acc.prediction.masks[0], lite.predict(emb, case.box, exact=True).masks[0])
+    np.testing.assert_array_equal(acc.prediction.masks[0], lite.predict(emb, case.box).masks[0])
 
 
 def test_storm_while_the_first_encode_is_pending(decoder, lite, case_and_embedding):
@@ -106,7 +106,7 @@ def test_storm_while_the_first_encode_is_pending(decoder, lite, case_and_embeddi
     np.testing.assert_array_equal(last.prediction.masks[0], lite.predict(emb, boxes[-1], region=region).masks[0])
     for r in res:
         if r.job.kind is JobKind.ACCEPT:
-            np.testing.assert_array_equal(r.prediction.masks[0], lite.predict(emb, r.job.box, exact=True).masks[0])
+            np.testing.assert_array_equal(r.prediction.masks[0], lite.predict(emb, r.job.box).masks[0])
     assert len(res) == len(accepts) + 1, "stale previews are dropped, not answered"
 
 
@@ -116,6 +116,15 @@ def test_storm_during_decoding_keeps_generation_order(decoder, lite, case_and_em
     case, emb = case_and_embedding
     ready, later = Future(), Future()
     ready.set_result(emb)
+
+    def resolve_when_waited_on():  # the worker must wait for ``later`` (an accept holds it), then it comes
+        deadline = time.monotonic() + WAIT_S
+        while True not in decoder.out.busy and time.monotonic() < deadline:
+            time.sleep(0.005)
+        later.set_result(emb)
+
+    resolver = threading.Thread(target=resolve_when_waited_on)
+    resolver.start()
     boxes = _boxes(case, 400, seed=1)
     kinds = []
     for g, box in enumerate(boxes, start=1):
@@ -124,9 +133,8 @@ def test_storm_during_decoding_keeps_generation_order(decoder, lite, case_and_em
         fut = later if 150 <= g < 250 else ready
         job = BoxJob(g, (), box, fut, kind, shape_index=g)
         (decoder.accept if kind is JobKind.ACCEPT else decoder.preview)(job)
-        if g == 260:
-            later.set_result(emb)
         time.sleep(0.001)
+    resolver.join()
     _settle(decoder)
     res = decoder.out.results
     gens = [r.job.generation for r in res]

@@ -159,3 +159,62 @@ def test_workers_register_one_exit_handler_per_process(lite):
         s.shutdown()
     for s in made:
         assert s.join(WAIT_S)
+
+
+def test_background_planes_wait_for_the_gate_and_then_hit_the_cache(service, lite, images):
+    """Prefetch: another image is encoded at the lowest priority, only while ``may_prefetch`` allows;
+    when it comes on screen its plane is a cache hit (no encode on the critical path)."""
+    from concurrent.futures import wait
+
+    lite.cache.clear()
+    now, later = Source(images[0], rgb=False), Source(images[1], rgb=False)
+    gate = threading.Event()
+    progress = []
+    service.may_prefetch = gate.is_set
+    service.on_prefetch = lambda done, total: progress.append((done, total))
+    service.set_source(now)
+    (bg,) = service.prefetch([()], later)
+    service.request(()).result(WAIT_S)  # the plane on screen is served while the gate is shut
+    time.sleep(0.3)
+    assert not bg.done() and not bg.running(), "background work waits while boxes are in flight"
+    gate.set()
+    wait([bg], WAIT_S)
+    assert bg.result().key == _plane_key(lite, later)
+    assert progress[-1] == (1, 1)
+    encoded = service.encoded
+    service.set_source(later)  # the user goes to the next image
+    assert service.request(()).result(WAIT_S).key == bg.result().key
+    assert service.encoded == encoded, "a cache hit: no encoder on the critical path"
+
+
+def test_prefetch_policy_outward_budget_and_quiet(lite):
+    from concurrent.futures import Future
+
+    from napari_medsam._annotator.constants import JobKind
+    from napari_medsam._annotator.decoding import BoxJob, LatestBoxDecoder
+    from napari_medsam._annotator.prefetch import QUIET_S, Prefetch, budget, outward
+    from napari_medsam.engine.cache import EmbeddingCache
+
+    assert outward(3, 6) == [3, 4, 2, 5, 1, 0]
+    assert outward(0, 3) == [0, 1, 2]
+    mem = EmbeddingCache(max_bytes=64 * 2**20)
+    assert budget(mem, 100, 4 * 2**20) == 8  # half the memory cache
+    assert budget(EmbeddingCache(max_bytes=64 * 2**20, fp16=True), 100, 4 * 2**20) == 16
+    assert budget(None, 100) == 0
+
+    svc = EncoderService(lite)
+    dec = LatestBoxDecoder(lite, lambda r: None)
+    try:
+        pf = Prefetch(svc, dec, lambda *a: None)
+        assert svc.may_prefetch == pf.quiet and pf.quiet()
+        pending = Future()
+        dec.accept(BoxJob(1, (), (10, 10, 50, 50), pending, JobKind.ACCEPT))
+        pf.box_event()
+        assert not pf.quiet(), "a box in flight pauses background encoding"
+        pending.cancel()
+        dec.when_idle().result(WAIT_S)
+        time.sleep(QUIET_S + 0.05)
+        assert pf.quiet()
+    finally:
+        svc.shutdown()
+        dec.shutdown()

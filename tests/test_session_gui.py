@@ -187,3 +187,30 @@ def test_settle_lands_the_accept_and_handles_no_click_meanwhile(make_napari_view
     qtbot.waitUntil(lambda: sw.index == 1, timeout=60_000)  # it is handled afterwards
     rec = json.loads((tmp_path / "out" / "records" / "amos_0004_75.json").read_text())
     assert [o["label"] for o in rec["objects"]] == [1], "the accepted object was saved before the switch"
+
+
+def test_next_image_is_encoded_ahead_so_its_first_mask_needs_no_encode(
+    make_napari_viewer, qtbot, shared_data, tmp_path
+):
+    """While the user works on an image, the next one is encoded in the background; after Next its
+    plane is a cache hit and the first box is answered without the encoder."""
+    cases = [c for c in load_cases(shared_data, dims=2) if c.case.startswith("ct2d_sammed2d_demo/")]
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in IMAGES[:2]:
+        shutil.copy(shared_data / "ct2d_sammed2d_demo" / "images" / name, src / name)
+    viewer, sw = _open(make_napari_viewer, qtbot, src, tmp_path / "out")
+    c = _ready(qtbot, sw)
+    qtbot.waitUntil(lambda: 1 in sw.prefetched, timeout=60_000)
+    qtbot.waitUntil(sw.prefetched[1].done, timeout=180_000)
+    assert sw.prefetched[1].exception() is None
+    encoded = c.encoder.encoded
+    sw.next_btn.click()
+    assert sw.index == 1
+    fut = c.encoder.request(c.current_index())
+    qtbot.waitUntil(fut.done, timeout=60_000)
+    assert fut.result().key == sw.prefetched[1].result().key, "the prefetched embedding is the one used"
+    box = next(x.box for x in cases if x.image.name == IMAGES[1])
+    _draw(qtbot, viewer, sw, box)
+    assert c.encoder.encoded == encoded, "after Next, no encode on the way to the first mask"
+    assert viewer.layers[LABELS].data.any()

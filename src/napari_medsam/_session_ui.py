@@ -1,7 +1,8 @@
-"""The controls of the "MedSAM session" dock (layout, image list display) and a wait that holds user input."""
+"""The "MedSAM session" dock's controls (layout, image list), its main-widget lookup, a wait that holds input."""
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future
 
 from qtpy.QtCore import QEvent, QEventLoop, QObject, QTimer
@@ -21,7 +22,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._widget import MedSAMWidget
 from .engine.session import DONE, IN_PROGRESS, NOT_STARTED, SKIPPED
+
+log = logging.getLogger(__name__)
 
 STATUS_COLORS = {NOT_STARTED: "#a0a0a0", IN_PROGRESS: "#e0b040", DONE: "#50c050", SKIPPED: "#c06060"}
 STATUS_MARKS = {NOT_STARTED: "\u2022", IN_PROGRESS: "\u270e", DONE: "\u2713", SKIPPED: "\u2013"}
@@ -59,6 +63,22 @@ class _HoldInput(QObject):
         held, self.held = self.held, []
         for obj, event in held:
             QApplication.postEvent(obj, event)
+
+
+def find_main_widget(viewer):
+    """The MedSAM dock widget of ``viewer``'s window; opened there if missing."""
+    for w in viewer.window.dock_widgets.values():
+        w = getattr(w, "native", w)
+        if isinstance(w, MedSAMWidget):
+            return w
+    try:
+        _, w = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
+        return w
+    except Exception:  # plugin not registered (source tree): dock one directly, and say why
+        log.warning("the MedSAM dock widget is not registered with napari; docking it directly", exc_info=True)
+        w = MedSAMWidget(viewer)
+        viewer.window.add_dock_widget(w, name="MedSAM")
+        return w
 
 
 def wait_without_input(fut: Future, timeout: float) -> bool:

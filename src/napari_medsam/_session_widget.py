@@ -21,11 +21,12 @@ from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 
 from ._annotator.constants import BOXES, LABELS, PREVIEW, SETTLE_TIMEOUT_S
+from ._annotator.encoding import Source
 from ._annotator.history import History
 from ._annotator.layers import make_boxes_layer, make_labels_layer
 from ._annotator.saver import Saver
-from ._session_ui import STATUS_COLORS, STATUS_MARKS, SessionControls, wait_without_input  # noqa: F401
-from ._widget import MedSAMWidget, widget_deleted
+from ._session_ui import STATUS_COLORS, STATUS_MARKS, SessionControls, find_main_widget, wait_without_input  # noqa: F401
+from ._widget import widget_deleted
 from .engine.session import DONE, NOT_STARTED, SKIPPED, LabelingSession, boxes_from_layer
 
 log = logging.getLogger(__name__)
@@ -34,22 +35,6 @@ log = logging.getLogger(__name__)
 def _unwrap(obj):
     """The napari object behind a plugin-facing ``PublicOnlyProxy`` (or ``obj`` itself)."""
     return getattr(obj, "__wrapped__", obj)
-
-
-def find_main_widget(viewer):
-    """The MedSAM dock widget of ``viewer``'s window; opened there if missing."""
-    for w in viewer.window.dock_widgets.values():
-        w = getattr(w, "native", w)
-        if isinstance(w, MedSAMWidget):
-            return w
-    try:
-        _, w = viewer.window.add_plugin_dock_widget("napari-medsam", "MedSAM")
-        return w
-    except Exception:  # plugin not registered (source tree): dock one directly, and say why
-        log.warning("the MedSAM dock widget is not registered with napari; docking it directly", exc_info=True)
-        w = MedSAMWidget(viewer)
-        viewer.window.add_dock_widget(w, name="MedSAM")
-        return w
 
 
 class _Signals(QObject):
@@ -69,6 +54,8 @@ class SessionWidget(SessionControls):
         self.last_error: str | None = None
         self._dirty = False
         self._switching = False
+        #: image index -> future of its background encode (the next image of the session)
+        self.prefetched: dict = {}
         self._signals = _Signals()
         self._signals.saved.connect(self._on_saved)
         self._saver = self._new_saver()
@@ -158,6 +145,7 @@ class SessionWidget(SessionControls):
                     self.main._loader.loaded.disconnect(slot)
         self.session = None
         self.index = None
+        self.prefetched = {}
         self._enable(False)
 
     def _use_session_cache(self, model, error) -> None:
@@ -169,6 +157,7 @@ class SessionWidget(SessionControls):
     def _on_model_loaded(self, model, error) -> None:
         if error is None:
             self._hook_controller()
+            self._prefetch_next()
 
     def _hook_controller(self) -> None:
         c = self.controller
@@ -280,6 +269,35 @@ class SessionWidget(SessionControls):
         self._attach(record)
         self.viewer.reset_view()
         self._refresh()
+        self._prefetch_next()
+
+    def _prefetch_next(self) -> None:
+        """Encode the next (2D) image in the background while the user works on this one."""
+        c, s = self._attached(), self.session
+        if (
+            c is None
+            or s is None
+            or self.index is None
+            or self.index + 1 >= len(s)
+            or self.index + 1 in self.prefetched
+        ):
+            return
+        nxt = self.index + 1
+        inten = (s.load_record(nxt) or {}).get("intensity") or {}
+        modality, window = inten.get("modality"), inten.get("window")
+        if modality is None:
+            if self.main.intensity_combo.currentText() == "layer contrast limits":
+                return  # the rule depends on the layer, which does not exist yet
+            modality, window = c.modality, c.window
+        try:
+            img = s.read(nxt)
+        except Exception as exc:  # noqa: BLE001 (shown when the user gets there; logged now)
+            log.info("not prefetching %s: %s", s.items[nxt].name, exc)
+            return
+        if img.kind == "volume":
+            return  # its slices are encoded ahead once it is on screen
+        source = Source(img.array, img.kind == "rgb", modality, tuple(window) if window else None)
+        self.prefetched[nxt] = c.prefetch.image(source)[0]
 
     def _attach(self, record: dict) -> None:
         """Point the main widget at the new image (loading the model the first time)."""

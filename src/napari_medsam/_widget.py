@@ -25,8 +25,8 @@ from qtpy.QtWidgets import (
 )
 
 from ._annotator.annotator import BoxAnnotator
+from ._annotator.options import guard_triton
 from ._annotator.steering import HELP, Steering
-from ._annotator.options import VIT_FAST, guard_triton, lite_options
 from .engine.intensity import CT_PRESETS, parse_channels, window_from_limits
 from .engine.models.registry import REGISTRY
 from .engine.predictor import MedSAM
@@ -77,13 +77,13 @@ class MedSAMWidget(QWidget):
         browse.clicked.connect(self._browse)
         self.device_combo = QComboBox(toolTip="auto picks cuda, then mps, then cpu")
         self.device_combo.addItems(["auto", "cpu", "cuda", "mps"])
-        self.fast_encoder = QCheckBox(
-            "fast encoder",
-            toolTip="LiteMedSAM on the CPU: encode with ONNX Runtime (napari-medsam[onnx]) or a fused PyTorch "
-            "TinyViT, ~0.5-0.75x the time per slice (3D propagation too); masks agree with the exact encoder's "
-            "at mean Dice 0.9999. Off: the authors' exact numerics. ViT models always use fused attention",
+        self.exact = QCheckBox(
+            "authors' exact numerics",
+            toolTip="Off (default): the fastest path that keeps the masks (LiteMedSAM on the CPU: ONNX Runtime or "
+            "fused TinyViT encoder, fused decoder, fp16 embeddings; MedSAM/SAM: fused attention), agreeing with "
+            "the authors' pipeline at mean Dice >= 0.999. On: reload the model with the authors' encoder and "
+            "decoder numerics end to end (slower)",
         )
-        self.model_combo.currentTextChanged.connect(lambda name: self.fast_encoder.setEnabled(name == "litemedsam"))
         self.intensity_combo = QComboBox(toolTip="How pixel values become the model's 8-bit input")
         self.intensity_combo.addItems(INTENSITY_CHOICES)
         self.level = QDoubleSpinBox(minimum=-5000, maximum=5000, value=40, toolTip="CT window level (HU)")
@@ -107,6 +107,12 @@ class MedSAMWidget(QWidget):
         self.zclear_btn = QPushButton("Clear z-range", toolTip="Forget the z-range set with [ and ] (\\)")
         self.cancel_btn = QPushButton("Cancel", toolTip="Stop a running propagation")
         self.progress = QProgressBar(maximum=1, value=1, textVisible=False)
+        self.prefetch_bar = QProgressBar(
+            format="encoded ahead: %v / %m",
+            textVisible=True,
+            visible=False,
+            toolTip="Planes encoded in the background (next slices, next image of a session): no encode wait there",
+        )
         self.status = QLabel("pick an image layer", wordWrap=True)
 
         form = QFormLayout()
@@ -117,7 +123,7 @@ class MedSAMWidget(QWidget):
         row.addWidget(browse)
         form.addRow("weights", row)
         form.addRow("device", self.device_combo)
-        form.addRow("", self.fast_encoder)
+        form.addRow("", self.exact)
         form.addRow("intensity", self.intensity_combo)
         lw = QHBoxLayout()
         lw.addWidget(self.level)
@@ -136,6 +142,7 @@ class MedSAMWidget(QWidget):
         layout.addWidget(self.cancel_btn)
         layout.addWidget(self.zclear_btn)
         layout.addWidget(self.progress)
+        layout.addWidget(self.prefetch_bar)
         layout.addWidget(self.status)
         layout.addStretch()
 
@@ -221,6 +228,13 @@ class MedSAMWidget(QWidget):
             self.label_spin.setValue(self.controller.next_label)
             self.label_spin.blockSignals(False)
 
+    def _on_prefetch(self, done: int, total: int) -> None:
+        if widget_deleted(self.prefetch_bar):
+            return
+        self.prefetch_bar.setMaximum(max(total, 1))
+        self.prefetch_bar.setValue(min(done, total))
+        self.prefetch_bar.setVisible(total > 0 and done < total)
+
     def _set_next_label(self, value: int) -> None:
         if self.controller is not None:
             self.controller.next_label = value
@@ -240,7 +254,7 @@ class MedSAMWidget(QWidget):
             self.model_combo.currentText(),
             self.device_combo.currentText(),
             self.checkpoint.text().strip() or None,
-            self.fast_encoder.isChecked(),
+            self.exact.isChecked(),
         )
         if self.controller is not None and key == self._model_key:
             self._attach(image)
@@ -252,8 +266,8 @@ class MedSAMWidget(QWidget):
 
         def load():
             try:
-                fast = lite_options(fast_encoder=key[3]) if key[0] == "litemedsam" else VIT_FAST
-                self._loader.loaded.emit(MedSAM.load(key[0], device=key[1], checkpoint=key[2], fast=fast), None)
+                model = MedSAM.load(key[0], device=key[1], checkpoint=key[2], exact=key[3])
+                self._loader.loaded.emit(model, None)
             except Exception as exc:  # shown as a notification in the GUI thread
                 log.debug("loading %s failed", key[0], exc_info=True)
                 self._loader.loaded.emit(None, exc)
@@ -271,6 +285,7 @@ class MedSAMWidget(QWidget):
             self.controller.close()
         self.controller = BoxAnnotator(self.viewer, model, report=self.set_status)
         self.destroyed.connect(self.controller.close)
+        self.controller.signals.prefetch.connect(self._on_prefetch)
         self.controller.next_label = self.label_spin.value()
         image = self.selected_image()
         if image is not None:

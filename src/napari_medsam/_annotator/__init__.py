@@ -6,7 +6,8 @@
 4. :mod:`.decoding` - :class:`LatestBoxDecoder` (worker) decodes the newest box, never drops an accept
 5. :mod:`.annotator` - the result is written into the labels and :mod:`.history`
 
-Beside the road: :mod:`.propagation` (3D, worker), :mod:`.saver` (autosave, worker),
+Beside the road: :mod:`.propagation` (3D, worker), :mod:`.prefetch` (what the encoder does
+in the background, and when), :mod:`.saver` (autosave, worker),
 :mod:`.layers` (one factory per layer), :mod:`.options`, :mod:`.constants`, :mod:`.threads`.
 """
 
@@ -30,8 +31,6 @@ _HOMES = {
     "History": "history",
     "LabelPatch": "history",
     "PREVIEW_FAST": "options",
-    "VIT_FAST": "options",
-    "lite_options": "options",
 }
 __all__ = sorted(_HOMES)
 

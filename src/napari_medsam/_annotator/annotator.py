@@ -24,7 +24,7 @@ from napari_medsam.engine.labels import box_from_vertices
 
 from .constants import BOXES, LABELS, PREVIEW, EncoderState, JobKind
 from .decoding import BoxJob, BoxResult, LatestBoxDecoder
-from .encoding import NOW, SOON, EncoderService, Snapshot, Source
+from .encoding import NOW, EncoderService, Snapshot, Source
 from .history import Edit, History, LabelPatch, apply_mask, bounding_region
 from .layers import (
     boxes_state,
@@ -37,6 +37,7 @@ from .layers import (
     set_boxes_state,
 )
 from .options import PREVIEW_FAST, use_decoder_process
+from .prefetch import Prefetch
 from .propagation import Propagation
 from .shape_events import ShapeEvents
 
@@ -48,6 +49,7 @@ class _Signals(QObject):
     state = Signal(object, float, str)
     busy = Signal(bool)
     settled = Signal(object)  # a Future to resolve in the GUI thread
+    prefetch = Signal(int, int)  # background planes encoded, asked
 
 
 class BoxAnnotator:
@@ -72,6 +74,8 @@ class BoxAnnotator:
         self.encoder = EncoderService(model, on_state=lambda *a: sig.state.emit(*a))
         self.remote = DecoderProcess(model, fast=PREVIEW_FAST, start=False) if use_decoder_process(model) else None
         self.decoder = LatestBoxDecoder(model, lambda r: sig.result.emit(r), lambda b: sig.busy.emit(b), self.remote)
+        running = lambda: self.propagation is not None and not self.propagation.done.is_set()  # noqa: E731
+        self.prefetch = Prefetch(self.encoder, self.decoder, lambda d, t: sig.prefetch.emit(d, t), running)
         self.events = ShapeEvents(
             viewer,
             enabled=lambda: self.image is not None,
@@ -149,15 +153,10 @@ class BoxAnnotator:
         return tuple(int(np.clip(round(point[i]), 0, self.spatial[i] - 1)) for i in range(nlead))
 
     def request_current(self) -> None:
-        if self.image is None:
-            return
-        idx = self.current_index()
-        self.encoder.request(idx, NOW)
-        if idx:  # prefetch the neighbours in the background
-            for step in (1, -1):
-                nb = (*idx[:-1], idx[-1] + step)
-                if 0 <= nb[-1] < self.spatial[len(idx) - 1]:
-                    self.encoder.request(nb, SOON)
+        if self.image is not None:
+            idx = self.current_index()
+            self.encoder.request(idx, NOW)
+            self.prefetch.around(idx, self.spatial, self.model)  # neighbours, then the rest of the volume
 
     # -- boxes -> jobs ----------------------------------------------------------
     def _job(self, shape_index: int, kind: JobKind, t_event: float) -> BoxJob | None:
@@ -165,6 +164,7 @@ class BoxAnnotator:
         if (box[2] - box[0]) < 1 or (box[3] - box[1]) < 1:
             return None
         self._generation += 1
+        self.prefetch.box_event()
         fut = self.encoder.request(lead, NOW)
         return BoxJob(self._generation, lead, box, fut, kind, shape_index, t_event)
 

@@ -74,7 +74,7 @@ class LatestBoxDecoder:
     """Single worker thread answering box jobs; see the module docstring.
 
     Args:
-        model: the loaded model; accepts decode with its exact path on the full plane.
+        model: the loaded model; accepts decode on the full plane with its own path (exact if loaded so).
         on_result: called (worker thread) with each :class:`BoxResult`, in generation order.
         on_busy: called with True before waiting for an embedding, False after.
         remote: a :class:`~napari_medsam.engine.decoder_process.DecoderProcess` for previews.
@@ -220,8 +220,8 @@ class LatestBoxDecoder:
     def _decode(self, job: BoxJob) -> BoxResult:
         emb = job.embedding.result()
         t0 = time.perf_counter()
-        if job.kind is JobKind.ACCEPT:  # labels: the authors' exact numerics, full plane
-            region, pred = None, self.model.predict(emb, job.box, exact=True)
+        if job.kind is JobKind.ACCEPT:  # labels: the full plane, the model's own path (what segment() gives)
+            region, pred = None, self.model.predict(emb, job.box)
         else:
             region = preview_region(job.box, emb.original_size)
             pred = None

@@ -86,7 +86,13 @@ class EncoderService:
         self._cv = threading.Condition()
         self._stop = False
         self._busy = False
+        self._others: dict[int, Snapshot] = {}  # prefetched sources other than the one on screen
         self.encoded = 0
+        #: background (``IDLE``) work starts only while this says so (the annotator: no box in flight)
+        self.may_prefetch: Callable[[], bool] = lambda: True
+        #: called (worker thread) with (prefetched so far, asked so far) after each background plane
+        self.on_prefetch: Callable[[int, int], None] = lambda done, total: None
+        self.prefetch_done = self.prefetch_total = 0
         self._thread = start_worker(self._run, "medsam-encoder", self.shutdown)
 
     # -- GUI-thread API -------------------------------------------------------
@@ -98,7 +104,9 @@ class EncoderService:
             for fut in self._futures.values():
                 fut.cancel()  # a running one cannot be: it is answered from its own source
             self._futures.clear()
-            self._heap.clear()
+            self.prefetch_done = self.prefetch_total = 0
+            self._heap = [e for e in self._heap if e[2][0] < 0]  # other images' prefetch goes on
+            heapq.heapify(self._heap)
             self._cv.notify_all()
 
     @property
@@ -125,6 +133,36 @@ class EncoderService:
                 heapq.heappush(self._heap, (int(priority), next(self._seq), key, fut))
                 self._cv.notify_all()
             return fut
+
+    def prefetch(self, indices, source: Source | None = None) -> list[Future]:
+        """Encode planes ``indices`` in the background (:data:`IDLE`: after everything else, and only
+        while :attr:`may_prefetch`), of the current source or of ``source`` (e.g. the next image of a
+        session). The embeddings land in the model's cache, so a later request is a cache hit."""
+        if source is None:
+            with self._cv:
+                keys = [tuple(int(x) for x in i) for i in indices]
+                new = [k for k in keys if (self._version, k) not in self._futures]
+                self.prefetch_total += len(new)
+                for k in new:
+                    self.request(k, IDLE)
+                return [self._futures[(self._version, k)] for k in keys]
+        futs = []
+        with self._cv:
+            version = -1 - len(self._others)
+            self._others[version] = Snapshot(version, source)
+            for i in indices:
+                fut: Future = Future()
+                heapq.heappush(self._heap, (int(IDLE), next(self._seq), (version, tuple(int(x) for x in i)), fut))
+                futs.append(fut)
+            self.prefetch_total += len(futs)
+            self._cv.notify_all()
+        return futs
+
+    def cached(self, index: Index) -> bool:
+        """Plane ``index`` of the current source has its embedding (asking nothing of the worker)."""
+        with self._cv:
+            fut = self._futures.get((self._version, tuple(int(i) for i in index)))
+            return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
 
     def idle(self) -> bool:
         """Nothing queued and nothing encoding."""
@@ -165,19 +203,22 @@ class EncoderService:
         return plane if plane.ndim == 3 else gray_to_rgb(plane)
 
     # -- worker -----------------------------------------------------------------
-    def _next(self) -> tuple[Snapshot, Index, Future] | None:
+    def _next(self) -> tuple[Snapshot, Index, Future, bool] | None:
         with self._cv:
             while True:
                 while not self._heap and not self._stop:
                     self._cv.wait()
                 if self._stop:
                     return None
-                _, _, key, fut = heapq.heappop(self._heap)
-                snap = self._snapshot
+                if self._heap[0][0] >= IDLE and not self.may_prefetch():
+                    self._cv.wait(0.05)  # background work waits while boxes are in flight
+                    continue
+                priority, _, key, fut = heapq.heappop(self._heap)
+                snap = self._snapshot if key[0] >= 0 else self._others.get(key[0])
                 if snap is None or key[0] != snap.version or fut.done() or not fut.set_running_or_notify_cancel():
                     continue
                 self._busy = True
-                return snap, key[1], fut  # the source taken with the request, under one lock
+                return snap, key[1], fut, priority >= IDLE  # the source taken with the request, under one lock
 
     def _state(self, state: EncoderState, seconds: float = 0.0, detail: str = "") -> None:
         if not self._stop:  # after shutdown nobody listens (the owner may be gone)
@@ -188,18 +229,27 @@ class EncoderService:
             item = self._next()
             if item is None:
                 return
-            snap, index, fut = item
+            snap, index, fut, background = item
             try:
-                self._state(EncoderState.ENCODING)
+                if not background:
+                    self._state(EncoderState.ENCODING)
                 t0 = time.perf_counter()
                 emb, encoded = self.model.embed_rgb_status(self.plane(index, snap))
                 self.encoded += encoded
                 fut.set_result(emb)
-                self._state(EncoderState.READY, time.perf_counter() - t0)
+                if background:
+                    self.prefetch_done += 1
+                    if not self._stop:
+                        self.on_prefetch(self.prefetch_done, self.prefetch_total)
+                else:
+                    self._state(EncoderState.READY, time.perf_counter() - t0)
             except Exception as exc:  # delivered to whoever waits on the future, and shown
                 log.debug("encoding plane %s failed", index, exc_info=True)
                 fut.set_exception(exc)
-                self._state(EncoderState.ERROR, 0.0, str(exc))
+                if background:
+                    log.info("background encode of plane %s failed: %s", index, exc)
+                else:
+                    self._state(EncoderState.ERROR, 0.0, str(exc))
             except BaseException as exc:  # KeyboardInterrupt/SystemExit: wake the waiters, then go on up
                 fut.set_exception(exc)
                 raise

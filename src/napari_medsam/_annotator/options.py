@@ -1,35 +1,25 @@
-"""How the plugin loads and runs a model: the speed options, the decoder child, the Triton guard."""
+"""How the plugin runs a model: the decoder child's options, whether to use it, the Triton guard."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-#: previews decode with the fused decoder on one thread (engine/fast.py); the
-#: encoder and accepted labels keep the authors' exact numerics.
+#: the decoder child's options (engine/decoder_process.py): it only decodes previews, with the fused
+#: decoder on one thread; embeddings come from the plugin's encoder. The model itself is loaded with
+#: the engine's default (the fast path) or, with the widget's "authors' exact numerics", ``exact=True``.
 PREVIEW_FAST = {"encoder": None, "decoder": "fused", "auto_region": True, "decoder_threads": 1}
-#: ViT models (MedSAM, SAM): the encoder's attention as one fused kernel (engine/fast.py
-#: ``sdpa_vit``; embeddings equal to float rounding), ~2.3x faster per slice on a CPU.
-VIT_FAST = {"encoder": "sdpa", "decoder": None}
 #: environment switch: ``0`` keeps previews in the GUI's process (see engine/decoder_process.py)
 DECODER_PROCESS_ENV = "NAPARI_MEDSAM_DECODER_PROCESS"
 
 
-def lite_options(fast_encoder: bool = False) -> dict:
-    """LiteMedSAM's ``fast`` options in the plugin: :data:`PREVIEW_FAST`, plus with ``fast_encoder``
-    the measured fastest encoder that keeps the masks (ONNX Runtime if installed, else the fused
-    PyTorch TinyViT; engine/fast.py ``fast_options``)."""
-    if not fast_encoder:
-        return dict(PREVIEW_FAST)
-    from napari_medsam.engine.fast import fast_options
-
-    return {**PREVIEW_FAST, "encoder": fast_options(True)["encoder"]}
-
-
 def use_decoder_process(model) -> bool:
-    """Previews decode in a child process unless ``NAPARI_MEDSAM_DECODER_PROCESS=0``."""
+    """Previews decode in a child process unless ``NAPARI_MEDSAM_DECODER_PROCESS=0`` or the model runs
+    the authors' exact numerics (then previews use the authors' decoder too, in this process)."""
     from napari_medsam.engine.decoder_process import DecoderProcess
 
+    if getattr(model, "exact", False):
+        return False
     return os.environ.get(DECODER_PROCESS_ENV, "1") != "0" and DecoderProcess.supported(model)
 
 
