@@ -70,10 +70,10 @@ def traces(data: Path, work: Path):
 def grid():
     rules = [DEFAULT_STOP, StopRule.never()]
     for ar, iou, shift, floor, keep in itertools.product(
-        [0, 0.2, 0.3, 0.4, 0.5],
-        [0, 0.4, 0.5, 0.6, 0.7, 0.8],
-        [None, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5],
-        [10, 20, 30, 40],
+        [0, 0.2, 0.4],
+        [0, 0.5, 0.6, 0.7],
+        [None, 0.25, 0.35, 0.5],
+        [20, 30],
         [False, True],
     ):
         if shift is None and floor != 30:
