@@ -14,13 +14,12 @@ Each recipe reproduces its authors' code path (see docs/accuracy.md):
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-Size = Tuple[int, int]
+Size = tuple[int, int]
+Region = tuple[int, int, int, int]  # y0, y1, x0, x1
 
 
 def longest_side_shape(h: int, w: int, target: int) -> Size:
@@ -42,7 +41,7 @@ class Recipe:
     name = "base"
     input_size = 1024
 
-    def preprocess(self, rgb: np.ndarray) -> Tuple[torch.Tensor, Size]:
+    def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, Size]:
         """(H, W, 3) uint8 -> ((1, 3, S, S) float32 tensor, unpadded (h, w) at model scale)."""
         raise NotImplementedError
 
@@ -50,7 +49,7 @@ class Recipe:
         """(N, 4) x0, y0, x1, y1 in image pixels -> (N, 4) float32 in model input pixels."""
         raise NotImplementedError
 
-    def model_scale(self, original: Size) -> Tuple[float, float]:
+    def model_scale(self, original: Size) -> tuple[float, float]:
         """Image pixel -> model input pixel factors (sx, sy): the longest side resized, aspect kept."""
         h, w = original
         s = float(self.input_size) / max(h, w)
@@ -61,12 +60,14 @@ class Recipe:
         """The authors' 3D chaining margin in model input pixels: 3 px at 256, 5 px at 1024."""
         return 3.0 if self.input_size <= 256 else 5.0 * self.input_size / 1024.0
 
-    def postprocess(self, logits: torch.Tensor, resized: Size, original: Size, region: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+    def postprocess(
+        self, logits: torch.Tensor, resized: Size, original: Size, region: Region | None = None
+    ) -> torch.Tensor:
         """(N, 1, 256, 256) logits -> (N, H, W) bool masks (or only ``region`` = y0, y1, x0, x1)."""
         raise NotImplementedError
 
 
-def _upsample_region(prob: torch.Tensor, original: Size, region) -> torch.Tensor:
+def _upsample_region(prob: torch.Tensor, original: Size, region: Region | None) -> torch.Tensor:
     """Bilinear (align_corners=False) upsample of ``prob`` to ``original``, evaluated only in ``region``.
 
     Gives the same values as ``F.interpolate(prob, original, mode="bilinear")[..., y0:y1, x0:x1]``
@@ -79,7 +80,7 @@ def _upsample_region(prob: torch.Tensor, original: Size, region) -> torch.Tensor
     h_in, w_in = prob.shape[-2:]
     device, dtype = prob.device, prob.dtype
 
-    def axis(n_in, n_out, start, stop):
+    def axis(n_in: int, n_out: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scale = n_in / n_out
         src = ((torch.arange(start, stop, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
         i0 = src.floor().long().clamp(max=n_in - 1)
@@ -101,7 +102,7 @@ class LiteMedSAMRecipe(Recipe):
     name = "litemedsam"
     input_size = 256
 
-    def preprocess(self, rgb):
+    def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, Size]:
         import cv2
 
         h, w = rgb.shape[:2]
@@ -112,11 +113,13 @@ class LiteMedSAMRecipe(Recipe):
         padded[:nh, :nw] = norm
         return torch.from_numpy(padded).permute(2, 0, 1)[None].contiguous(), (nh, nw)
 
-    def scale_boxes(self, boxes, original, resized):
+    def scale_boxes(self, boxes: np.ndarray, original: Size, resized: Size) -> torch.Tensor:
         ratio = self.input_size / max(original)
         return torch.as_tensor(np.trunc(boxes * ratio), dtype=torch.float32)
 
-    def postprocess(self, logits, resized, original, region=None):
+    def postprocess(
+        self, logits: torch.Tensor, resized: Size, original: Size, region: Region | None = None
+    ) -> torch.Tensor:
         nh, nw = resized
         logits = logits[..., :nh, :nw]
         up = _upsample_region(logits, original, region)
@@ -127,7 +130,7 @@ class MedSAMRecipe(Recipe):
     name = "medsam"
     input_size = 1024
 
-    def preprocess(self, rgb):
+    def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, Size]:
         from skimage import transform
 
         big = transform.resize(
@@ -136,17 +139,19 @@ class MedSAMRecipe(Recipe):
         norm = minmax01(big).astype(np.float32)
         return torch.from_numpy(norm).permute(2, 0, 1)[None].contiguous(), (self.input_size, self.input_size)
 
-    def model_scale(self, original: Size) -> Tuple[float, float]:
+    def model_scale(self, original: Size) -> tuple[float, float]:
         """Stretched to a square: one factor per axis."""
         h, w = original
         return self.input_size / w, self.input_size / h
 
-    def scale_boxes(self, boxes, original, resized):
+    def scale_boxes(self, boxes: np.ndarray, original: Size, resized: Size) -> torch.Tensor:
         h, w = original
         scale = np.array([w, h, w, h], np.float64)
         return torch.as_tensor(boxes / scale * self.input_size, dtype=torch.float32)
 
-    def postprocess(self, logits, resized, original, region=None):
+    def postprocess(
+        self, logits: torch.Tensor, resized: Size, original: Size, region: Region | None = None
+    ) -> torch.Tensor:
         prob = torch.sigmoid(logits)
         return (_upsample_region(prob, original, region) > 0.5)[:, 0]
 
@@ -159,7 +164,7 @@ class SAMRecipe(Recipe):
     pixel_mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
     pixel_std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
 
-    def preprocess(self, rgb):
+    def preprocess(self, rgb: np.ndarray) -> tuple[torch.Tensor, Size]:
         from segment_anything.utils.transforms import ResizeLongestSide
 
         resized = ResizeLongestSide(self.input_size).apply_image(rgb)
@@ -169,13 +174,15 @@ class SAMRecipe(Recipe):
         x = F.pad(x, (0, self.input_size - nw, 0, self.input_size - nh))
         return x.contiguous(), (nh, nw)
 
-    def scale_boxes(self, boxes, original, resized):
+    def scale_boxes(self, boxes: np.ndarray, original: Size, resized: Size) -> torch.Tensor:
         h, w = original
         nh, nw = longest_side_shape(h, w, self.input_size)
         scale = np.array([nw / w, nh / h, nw / w, nh / h])
         return torch.as_tensor(boxes * scale, dtype=torch.float32)
 
-    def postprocess(self, logits, resized, original, region=None):
+    def postprocess(
+        self, logits: torch.Tensor, resized: Size, original: Size, region: Region | None = None
+    ) -> torch.Tensor:
         nh, nw = resized
         up = F.interpolate(logits, (self.input_size, self.input_size), mode="bilinear", align_corners=False)
         up = up[..., :nh, :nw]
