@@ -223,7 +223,7 @@ def rule_grid(T):
         out.append(("full", {"variant": xname}, T["full"][:, x]))
     for f, (members, with_full, lenient) in enumerate(FUSIONS):
         for x, fill in enumerate((False, True)):
-            for zmin in (1.0, 1.5, 2.0):
+            for zmin in (1.0, 1.5, 2.0, 3.0, 4.0):
                 j = T["zviews"].index(members[0])
                 sel = T["z"][:, j] >= zmin
                 d = np.where(sel, T["fuse"][:, f, x], T["full"][:, 2 * x])
@@ -367,6 +367,47 @@ def run_default(data: Path, settings: zoom.ZoomSettings = zoom.DEFAULT):
     return rows
 
 
+def _outline(m):
+    from scipy import ndimage
+
+    return m & ~ndimage.binary_erosion(m)
+
+
+def panels(data: Path, cases: list, out_dir: Path = ROOT / "docs" / "images"):
+    """PNG per case: image crop | ground truth (green) | authors (red) | default (blue)."""
+    from PIL import Image
+
+    fast_m = load_model(False, CACHE / "fast")
+    exact_m = load_model(True, CACHE / "exact")
+    allc = {c.case: c for f in ("cases.csv", "cases_jitter.csv") for c in load_cases(data, dims=2, cases_file=f)}
+    for name in cases:
+        c = allc[name]
+        rgb = exact_m.prepare(read_image(c.image).array)
+        gt = c.ground_truth()
+        ex = exact_m.predict(exact_m.embed_rgb(rgb), c.box).masks[0]
+        ours, _ = zoom.segment_box(fast_m, rgb, c.box, full_embedding=fast_m.embed_rgb(rgb))
+        y0, y1, x0, x1 = zoom.crop_window(c.box, rgb.shape[:2], zoom.DEFAULT, 3.0)
+        tiles = []
+        for m, col in ((None, None), (gt, (0, 255, 0)), (ex, (255, 0, 0)), (ours, (0, 128, 255))):
+            t = rgb[y0:y1, x0:x1].copy()
+            if m is not None:
+                t[_outline(m[y0:y1, x0:x1])] = col
+                bx0, by0, bx1, by1 = (int(v) for v in c.box)
+                for yy in (by0 - y0, by1 - y0):
+                    t[max(0, min(yy, y1 - y0 - 1)), max(0, bx0 - x0) : bx1 - x0 + 1] = (255, 255, 0)
+            tiles.append(np.asarray(Image.fromarray(t).resize((256, 256), Image.NEAREST)))
+        img = np.concatenate([np.concatenate([t, np.full((256, 4, 3), 255, np.uint8)], 1) for t in tiles], 1)
+        path = out_dir / f"accuracy_{evaluation_safe(name)}.png"
+        Image.fromarray(img).save(path)
+        print(path.name, f"authors {dice(ex, gt):.3f} default {dice(ours, gt):.3f}")
+
+
+def evaluation_safe(name: str) -> str:
+    from napari_medsam.engine.evaluation import safe_name
+
+    return safe_name(name.split("/")[-1])
+
+
 def main():
     cmd = sys.argv[1] if len(sys.argv) > 1 else "analyze"
     data = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT.parent / "shared" / "data"
@@ -374,6 +415,8 @@ def main():
         collect(data)
     elif cmd == "default":
         run_default(data)
+    elif cmd == "panels":
+        panels(data, sys.argv[3:])
     else:
         analyze(data)
 

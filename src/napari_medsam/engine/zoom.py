@@ -54,7 +54,7 @@ class ZoomSettings:
     stride: int = 4
     with_full: bool = True
     lenient: bool = True
-    min_zoom: float = 1.0
+    min_zoom: float = 3.0
     fill_holes: bool = True
     large_side: int = 4096
 
