@@ -79,6 +79,30 @@ def test_images_are_addressed_by_index_only(server):
     assert head["Cross-Origin-Embedder-Policy"] == "require-corp"  # wasm threads in the page
 
 
+def test_page_modules_are_served_as_javascript(server):
+    """The page is ES modules (a browser refuses a module with a non-JavaScript type under nosniff)."""
+    import re
+
+    srv, _, _ = server
+    status, page, _ = call(srv.url + "/")
+    assert status == 200
+    page = page.decode()
+    assert '<script type="module" src="/static/app.js">' in page
+    assert '<script src="/static/vendor/ort.wasm.min.js" defer>' in page, "ONNX Runtime Web stays a classic script"
+    seen, todo = set(), ["app.js"]
+    while todo:
+        name = todo.pop()
+        seen.add(name)
+        status, body, head = call(f"{srv.url}/static/{name}")
+        assert status == 200, name
+        assert head["Content-Type"].split(";")[0] == "text/javascript", (name, head["Content-Type"])
+        assert head["Cross-Origin-Resource-Policy"] == "same-origin"
+        text = body.decode()
+        assert len(text.splitlines()) <= 400, f"{name}: over 400 lines"
+        todo += [m for m in re.findall(r'from "\./([\w-]+\.js)"', text) if m not in seen]
+    assert {"app.js", "api.js", "canvas.js", "decoder.js", "state.js"} <= seen, seen
+
+
 def test_embedding_is_sent_as_fp16_and_matches_the_engine(server, lite):
     srv, b, _ = server
     status, body, head = call(srv.url + "/api/images/0/embedding")

@@ -9,6 +9,7 @@ an HttpOnly cookie), or as ``Authorization: Bearer <token>``.
 from __future__ import annotations
 
 import hmac
+import mimetypes
 from pathlib import Path
 
 from fastapi import Body, FastAPI, Request
@@ -22,6 +23,10 @@ from .service import LockedError, WebService
 from .work import EditError
 
 STATIC = Path(__file__).parent / "static"
+# the page is ES modules: browsers refuse a module served with another type (X-Content-Type-Options:
+# nosniff); some systems' type tables map .js to text/plain, so say it here
+mimetypes.add_type("text/javascript", ".js")
+mimetypes.add_type("text/javascript", ".mjs")
 COOKIE = "medsam_token"
 ISOLATION = {  # cross-origin isolation: lets ONNX Runtime Web use wasm threads (SharedArrayBuffer)
     "Cross-Origin-Opener-Policy": "same-origin",
