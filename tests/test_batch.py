@@ -26,7 +26,8 @@ from napari_medsam.engine.batch import (
     read_prompts,
     run_batch,
 )
-from napari_medsam.engine.errors import MedSAMError
+from napari_medsam.engine.batch.prompts import _parse_bool, _parse_row
+from napari_medsam.engine.errors import MedSAMError, PromptError
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -140,6 +141,25 @@ def test_read_prompts_defaults_and_errors(tmp_path):
     assert "propagate" in rows[2].error
     assert "image is empty" in rows[3].error
     assert "already used by row 2" in rows[4].error
+
+
+@pytest.mark.parametrize(
+    ("row", "match"),
+    [
+        ({"propagate": "maybe"}, "propagate must be true or false, got 'maybe'"),
+        ({"slice": "five"}, "slice must be an integer, got 'five'"),
+    ],
+)
+def test_bad_row_values_are_recorded_on_the_row(row, match):
+    rec = {"image": "a.png", "box": "1,2,3,4", **row}
+    assert match in _parse_row(1, rec, Path("."), {}).error
+
+
+def test_bad_row_value_is_a_prompt_error_and_still_a_value_error():
+    with pytest.raises(PromptError, match="propagate must be true or false") as info:
+        _parse_bool("maybe", "propagate")
+    err = info.value
+    assert isinstance(err, BatchError) and isinstance(err, MedSAMError) and isinstance(err, ValueError)
 
 
 def test_read_prompts_rejects_bad_files(tmp_path):

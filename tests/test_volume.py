@@ -22,7 +22,7 @@ import torch
 
 from _data import SAMPLES, require_shared
 from napari_medsam.engine.cache import Embedding, EmbeddingCache, embedding_key
-from napari_medsam.engine.errors import BoxError, ImageError
+from napari_medsam.engine.errors import BoxError, ImageError, MedSAMError, OptionTypeError
 from napari_medsam.engine.evaluation import dice, load_cases, safe_name
 from napari_medsam.engine.predictor import Prediction
 from napari_medsam.engine.recipes import LiteMedSAMRecipe, MedSAMRecipe
@@ -300,6 +300,13 @@ def test_bad_input_raises_clear_errors(volume, box, z, kwargs, err, match):
     with pytest.raises(err, match=match):
         segment_volume(model, volume, box, z, **kwargs)
     assert model.encoded == []  # validated before any encoding
+
+
+def test_stop_of_the_wrong_type_is_a_medsam_error_and_still_a_type_error(lite):
+    vol = np.random.default_rng(0).random((5, 32, 32))
+    with pytest.raises(OptionTypeError, match="stop must be a StopRule, got dict") as info:
+        propagate(lite, vol, (1, 1, 9, 9), 1, stop={"min_iou": 0.5})
+    assert isinstance(info.value, MedSAMError) and isinstance(info.value, TypeError)  # old `except TypeError` works
 
 
 def test_paste_object_keeps_other_objects_and_wide_ids():

@@ -29,6 +29,14 @@ class BatchError(MedSAMError, ValueError):
     """The batch as a whole cannot run (bad prompts file, unknown model, no dask, unwritable output...)."""
 
 
+class PromptError(BatchError):
+    """One row of a prompts file is unusable (a bad value in a column, a name used twice)."""
+
+
+class OptionTypeError(MedSAMError, TypeError):
+    """An option has the wrong type; the message names the option and the type it needs."""
+
+
 class SessionError(MedSAMError, ValueError):
     """The session cannot be opened or used as asked (bad input, index, status...)."""
 

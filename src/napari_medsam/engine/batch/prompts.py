@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Union
 
 from napari_medsam.engine.cases import safe_name
-from napari_medsam.engine.errors import BatchError, MedSAMError, ReadError
+from napari_medsam.engine.errors import BatchError, MedSAMError, PromptError, ReadError
 from napari_medsam.engine.io import strip_image_suffix
 from napari_medsam.engine.segment import parse_box_text, parse_z_range
 
@@ -71,7 +71,7 @@ def _parse_bool(text: str, column: str) -> bool:
         return True
     if t in _FALSE:
         return False
-    raise ValueError(f"{column} must be true or false, got {text!r}")
+    raise PromptError(f"{column} must be true or false, got {text!r}")
 
 
 def _stem(path: Path) -> str:
@@ -131,7 +131,7 @@ def _parse_row(i: int, rec: dict[str, str], base: Path, seen: dict[str, int]) ->
             try:
                 row.slice = int(float(get("slice")))
             except ValueError:
-                raise ValueError(f"slice must be an integer, got {get('slice')!r}") from None
+                raise PromptError(f"slice must be an integer, got {get('slice')!r}") from None
         row.propagate = _parse_bool(get("propagate"), "propagate")
         if get("z_range"):
             row.z_range = parse_z_range(get("z_range"))
@@ -139,7 +139,7 @@ def _parse_row(i: int, rec: dict[str, str], base: Path, seen: dict[str, int]) ->
             row.gt = get("gt")
             row.gt_select = get("gt_select") or "nonzero"
         if name in seen:
-            raise ValueError(f"name {name!r} is already used by row {seen[name]}: give unique names")
+            raise PromptError(f"name {name!r} is already used by row {seen[name]}: give unique names")
     except (MedSAMError, ValueError) as exc:
         row.error = str(exc)
     return row
