@@ -270,3 +270,28 @@ def test_server_decodes_previews_when_the_browser_cannot(browser, serve, tmp_pat
     drag(page, BUSI_BOX, steps=8, pause_ms=60)
     wait_accepts(page, 1)
     assert page.evaluate("window.medsam.stats.previews") >= 1 and b.service.stats["server_previews"] >= 1
+
+
+def test_damaged_record_is_reported_at_start_and_on_the_page(browser, serve, images, tmp_path):
+    from napari_medsam.engine.session import LabelingSession
+    from napari_medsam.server.serve import startup_lines
+
+    out = tmp_path / "out"
+    s = LabelingSession(images, out)
+    name = s.items[1].name
+    s.set_status(1, "in progress")  # so opening the session does not read the record: serve's own check must
+    rec = s.record_path(1)
+    rec.parent.mkdir(parents=True, exist_ok=True)
+    rec.write_text('{"format": "napari-medsam-rec', encoding="utf-8")  # cut short: not JSON
+    srv, b = serve(out)
+    aside = [p for p in rec.parent.iterdir() if p.name.startswith(rec.name + ".corrupt-")]
+    assert len(aside) == 1 and not rec.exists(), "set aside at start, before anyone opens the image"
+    printed = startup_lines(b, "127.0.0.1", 7860, token_given=False)
+    assert any(line.startswith("warning: ") and name in line and aside[0].name in line for line in printed), printed
+    page = open_page(browser, srv.url + "/?image=0")
+    page.wait_for_selector("#warn-banner", state="visible", timeout=30_000)
+    text = page.inner_text("#warn-banner")
+    assert name in text and aside[0].name in text and "moved aside" in text, text
+    page.click("#warn-close")
+    assert page.is_hidden("#warn-banner")
+    assert page.evaluate("window.medsam.ready")  # the session goes on: the page still takes boxes

@@ -113,6 +113,7 @@ def create_app(
             "model": service.model.name,
             "decoder": "/api/decoder.onnx" if decoder_path else None,
             "device": str(service.model.device),
+            "warnings": list(service.session.warnings),
         }
 
     @app.get("/api/decoder.onnx")

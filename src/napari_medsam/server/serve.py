@@ -72,6 +72,7 @@ def build(
 
     token = check_token(host, token)
     session = LabelingSession(images, out)
+    check_records(session)
     if model_obj is None:
         model_obj = MedSAM.load(model, device=device, checkpoint=checkpoint, cache=session.embedding_cache())
     decoder = None
@@ -83,6 +84,31 @@ def build(
     service = WebService(session, model_obj, lease_s=lease_s, prefetch=prefetch)
     hosts = ["127.0.0.1", "localhost", "[::1]", host]
     return Built(create_app(service, decoder, token, hosts), service, token, decoder)
+
+
+def check_records(session) -> list[str]:
+    """Read every saved record once, so damaged ones are moved aside (and reported) at start, not on open."""
+    for i in range(len(session)):
+        if session.record_path(i).exists():
+            session.load_record(i)
+    return list(session.warnings)
+
+
+def startup_lines(b: Built, host: str, port: int, token_given: bool) -> list[str]:
+    """What ``serve`` prints at start: the session, the decoder, the session's warnings, the address."""
+    s = b.service.session
+    lines = [
+        f"napari-medsam serve: {len(s)} images from {s.input}, labels into {s.output_dir} ({s.progress_text()})",
+        (
+            f"model {b.service.model.name} on {b.service.model.device}; "
+            f"previews decoded {'in the browser (ONNX Runtime Web)' if b.decoder else 'by the server'}"
+        ),
+    ]
+    lines += [f"warning: {w}" for w in s.warnings]
+    if b.token and not token_given:
+        lines.append("a token was generated (non-loopback host): share the address with the labelers only")
+    lines.append(f"open {address(host, port, b.token)}")
+    return lines
 
 
 def address(host: str, port: int, token: str | None) -> str:
@@ -143,15 +169,7 @@ def serve(
     if not Path(images).exists():
         raise ServeError(f"IMAGES {images} does not exist")
     b = build(images, out, model, device, checkpoint, host, token)
-    s = b.service.session
-    print(f"napari-medsam serve: {len(s)} images from {s.input}, labels into {s.output_dir} ({s.progress_text()})")
-    print(
-        f"model {b.service.model.name} on {b.service.model.device}; "
-        f"previews decoded {'in the browser (ONNX Runtime Web)' if b.decoder else 'by the server'}"
-    )
-    if b.token and token is None:
-        print("a token was generated (non-loopback host): share the address with the labelers only")
-    print(f"open {address(host, port, b.token)}", flush=True)
+    print("\n".join(startup_lines(b, host, port, token is not None)), flush=True)
     try:
         uvicorn.run(b.app, host=host, port=port, log_level="warning")
     finally:

@@ -358,6 +358,7 @@ class WebService:
             "window": self._record_window(index),
             "presets": {k: list(v) for k, v in CT_PRESETS.items()},
             "model": self.model.name,
+            "warnings": list(self.session.warnings),  # opening an image may have set a damaged record aside
             "done": self.session.n_done,
             "total": len(self.session),
         }

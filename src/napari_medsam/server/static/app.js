@@ -66,7 +66,7 @@ async function openImage(i) {
 }
 
 function setState(st) {
-  S.state = st; M.readonly = st.readonly;
+  S.state = st; M.readonly = st.readonly; showWarnings(st.warnings);
   $("image-name").textContent = st.name;
   const s = $("image-status"); s.textContent = st.status; s.className = "pill s-" + st.status.replace(" ", "-");
   $("readonly-badge").hidden = !st.readonly;
@@ -125,6 +125,7 @@ async function refreshList() {
   try {
     const s = await api("GET", "/api/session");
     S.session = { ...S.session, ...s };
+    showWarnings(s.warnings);
     const ul = $("image-list"); ul.innerHTML = "";
     $("list-count").textContent = `(${s.total})`;
     for (const it of s.items) {
@@ -139,6 +140,20 @@ async function refreshList() {
     setProgress(s.done, s.total);
   } catch (e) { fail(e); }
 }
+
+// the session's warnings (damaged records moved aside, interrupted saves settled): a banner
+let warningsSeen = 0;
+function showWarnings(list) {
+  if (!list) return;
+  M.warnings = list;
+  if (list.length <= warningsSeen) return;
+  const ul = $("warn-list"); ul.innerHTML = "";
+  for (const w of list) { const li = document.createElement("li"); li.textContent = w; ul.appendChild(li); }
+  warningsSeen = list.length;
+  $("warn-banner").hidden = false;
+  layout();
+}
+$("warn-close").onclick = () => { $("warn-banner").hidden = true; layout(); };
 
 // ---------------------------------------------------------------- edits
 async function edit(fn, what) {
@@ -230,6 +245,7 @@ window.addEventListener("pagehide", () => navigator.sendBeacon(`/api/release?cli
 async function start() {
   try {
     S.session = await api("GET", "/api/session");
+    showWarnings(S.session.warnings);
     $("session-name").textContent = `· ${S.session.total} images · ${S.session.model}`;
     await initDecoder();
     await refreshList();
