@@ -18,7 +18,9 @@ import pytest
 from _data import read_gray
 from napari_medsam._annotator.constants import JobKind
 from napari_medsam._annotator.decoding import BoxJob, LatestBoxDecoder, preview_region
-from napari_medsam.engine.evaluation import load_cases
+from napari_medsam._annotator.encoding import Source, model_input
+from napari_medsam.engine.evaluation import dice, load_cases
+from napari_medsam.engine.intensity import gray_to_rgb
 
 WAIT_S = 120
 
@@ -186,3 +188,50 @@ def test_shutdown_does_not_wait_and_releases_waiters(lite, case_and_embedding):
     assert idle.done()
     pending.set_result(emb)
     assert dec.join(WAIT_S)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
+def test_small_box_accept_is_what_segment_gives(lite, lite_default, samples, exact):
+    """Issue 14, same in every front-end: on the default model the accept of a small nucleus box goes
+    through the zoom strategy (crops encoded in the worker, shown as busy) and equals
+    ``model.segment(plane, box=...)``; with the authors' exact model it is the one full-view decode
+    (= ``predict``). Previews stay on the full-view embedding either way."""
+    model = lite if exact else lite_default
+    case = next(c for c in load_cases(samples) if c.image.name == "dsb2018_nuclei.png")
+    plane = gray_to_rgb(model_input(Source(read_gray(case.image), False)))  # what the encoder service encodes
+    emb = model.embed_rgb(plane)
+    done = Future()
+    done.set_result(emb)
+    asked = []
+
+    def the_plane():
+        asked.append(threading.current_thread().name)
+        return plane
+
+    out = Collector()
+    dec = LatestBoxDecoder(model, out, out.busy.append)
+    try:
+        dec.preview(BoxJob(1, (), case.box, done, JobKind.PREVIEW))
+        _settle(dec)
+        dec.accept(BoxJob(2, (), case.box, done, JobKind.ACCEPT, shape_index=0, plane=the_plane))
+        _settle(dec)
+    finally:
+        dec.shutdown()
+    assert dec.join(WAIT_S)
+    prev, acc = out.results
+    assert prev.error is None and acc.error is None
+    region = preview_region(case.box, emb.original_size)
+    np.testing.assert_array_equal(prev.prediction.masks[0], model.predict(emb, case.box, region=region).masks[0])
+    got = acc.prediction.masks[0]
+    assert got.shape == plane.shape[:2] and got.any()
+    full = model.predict(emb, case.box).masks[0]
+    if exact:
+        assert acc.zoom is None and not asked, "the authors' pipeline: no crops"
+        np.testing.assert_array_equal(got, full)
+    else:
+        assert acc.zoom is not None and acc.zoom.path == "zoom" and acc.zoom.crops
+        assert asked == ["medsam-decoder"], "the plane is read once, in the decoder's worker"
+        assert out.busy == [True, False], "the crop encodes are shown as busy"
+        assert not np.array_equal(got, full), "the zoom changed this nucleus's mask"
+    np.testing.assert_array_equal(got, model.segment(plane, box=case.box))
+    assert dice(got, case.ground_truth()) > 0.7

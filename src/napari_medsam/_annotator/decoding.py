@@ -9,6 +9,11 @@ accepts go before any newer preview, also after a wait for the plane's embedding
 the one it held, and a preview older than a queued accept is moot, since that
 drag is over). Results go to ``on_result`` from the worker thread; the annotator
 forwards them to the GUI thread with a Qt signal.
+
+Previews decode on the plane's full-view embedding. Accepts answer what
+``MedSAM.segment(plane, box=...)`` answers: on LiteMedSAM (unless loaded ``exact``)
+the zoom strategy of :mod:`napari_medsam.engine.zoom` (crops re-encoded around a
+small box, here in this worker, shown as busy), else the model's own decode.
 """
 
 from __future__ import annotations
@@ -21,8 +26,12 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from napari_medsam.engine.decoder_process import DecoderUnavailable
 from napari_medsam.engine.fast.windows import grown_region
+from napari_medsam.engine.predictor import Prediction
+from napari_medsam.engine.zoom import ZoomInfo, segment_box
 
 from .constants import JobKind
 from .threads import start_worker
@@ -44,6 +53,8 @@ class BoxJob:
         kind: :class:`JobKind` (preview or accept).
         shape_index: the box's row in the Shapes layer (accepts).
         t_event: perf_counter time of the mouse event (latency measurement).
+        plane: returns the prepared (H, W, 3) uint8 plane the embedding was encoded from (same
+            source version); called in the worker on accept, for the zoom crops. None: no zoom.
     """
 
     generation: int
@@ -53,6 +64,7 @@ class BoxJob:
     kind: JobKind = JobKind.PREVIEW
     shape_index: int = -1
     t_event: float = field(default_factory=time.perf_counter)
+    plane: Callable[[], np.ndarray] | None = None
 
 
 @dataclass
@@ -62,6 +74,8 @@ class BoxResult:
     region: Region | None = None
     error: BaseException | None = None
     decode_s: float = 0.0
+    #: what the zoom strategy did for an accept (path, crops, encodes); None: decoded on the full view
+    zoom: ZoomInfo | None = None
 
 
 #: (y0, y1, x0, x1): the box grown by a quarter of its size plus 8 px, clipped to the plane. MedSAM's
@@ -70,11 +84,17 @@ class BoxResult:
 preview_region = grown_region
 
 
+def uses_zoom(model) -> bool:
+    """Accepts go through :func:`engine.zoom.segment_box` (as ``MedSAM.segment(image)`` does):
+    LiteMedSAM not loaded ``exact``. Else the authors' pipeline: one decode on the full view."""
+    return not getattr(model, "exact", False) and getattr(model, "name", None) == "litemedsam"
+
+
 class LatestBoxDecoder:
     """Single worker thread answering box jobs; see the module docstring.
 
     Args:
-        model: the loaded model; accepts decode on the full plane with its own path (exact if loaded so).
+        model: the loaded model; accepts: :func:`uses_zoom` decides (zoom strategy or one full-view decode).
         on_result: called (worker thread) with each :class:`BoxResult`, in generation order.
         on_busy: called with True before waiting for an embedding, False after.
         remote: a :class:`~napari_medsam.engine.decoder_process.DecoderProcess` for previews.
@@ -220,20 +240,35 @@ class LatestBoxDecoder:
     def _decode(self, job: BoxJob) -> BoxResult:
         emb = job.embedding.result()
         t0 = time.perf_counter()
-        if job.kind is JobKind.ACCEPT:  # labels: the full plane, the model's own path (what segment() gives)
-            region, pred = None, self.model.predict(emb, job.box)
-        else:
-            region = preview_region(job.box, emb.original_size)
-            pred = None
-            if self.remote is not None and self.remote.ready:
-                try:
-                    pred = self.remote.predict(emb, job.box, region)
-                except DecoderUnavailable:
-                    log.info("decoder process unavailable: previews decode in this process")
-            if pred is None:
-                self.decoding_preview.set()
-                try:
-                    pred = self.model.predict(emb, job.box, region=region)
-                finally:
-                    self.decoding_preview.clear()
+        if job.kind is JobKind.ACCEPT:  # labels: what segment(plane, box=...) gives
+            if job.plane is None or not uses_zoom(self.model):
+                return BoxResult(job, self.model.predict(emb, job.box), decode_s=time.perf_counter() - t0)
+            return self._zoom(job, emb, t0)
+        region = preview_region(job.box, emb.original_size)
+        pred = None
+        if self.remote is not None and self.remote.ready:
+            try:
+                pred = self.remote.predict(emb, job.box, region)
+            except DecoderUnavailable:
+                log.info("decoder process unavailable: previews decode in this process")
+        if pred is None:
+            self.decoding_preview.set()
+            try:
+                pred = self.model.predict(emb, job.box, region=region)
+            finally:
+                self.decoding_preview.clear()
         return BoxResult(job, pred, region, decode_s=time.perf_counter() - t0)
+
+    def _zoom(self, job: BoxJob, emb, t0: float) -> BoxResult:
+        """The zoom strategy for an accept; its crop encodes (if not cached) run here, shown as busy."""
+        if not self._stop:
+            self.on_busy(True)
+        try:
+            assert job.plane is not None
+            mask, info = segment_box(self.model, job.plane(), job.box, full_embedding=emb)
+        finally:
+            if not self._stop:
+                self.on_busy(False)
+        iou = np.array([float(np.mean(info.iou)) if info.iou else 0.0], np.float32)
+        pred = Prediction(mask[None], iou, np.asarray([job.box], float))
+        return BoxResult(job, pred, None, decode_s=time.perf_counter() - t0, zoom=info)
