@@ -24,6 +24,7 @@ from napari_medsam.engine import batch
 tifffile = pytest.importorskip("tifffile")
 
 from _data import SAMPLES, read_gray  # noqa: E402
+
 BUSI = SAMPLES / "busi_malignant_1.png"
 BUSI_BOX = "8,133,439,403"
 
@@ -36,8 +37,9 @@ def _env():
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "napari_medsam.cli", *args], capture_output=True, text=True,
-                          env=_env(), timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "napari_medsam.cli", *args], capture_output=True, text=True, env=_env(), timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +155,13 @@ def test_demo_writes_files(use_shared_model, tmp_path, capsys):
 
 def test_batch_cli_exit_codes(use_shared_model, tmp_path, capsys):
     rows = [
-        {"image": str(BUSI), "box": BUSI_BOX, "gt": str(SAMPLES / "busi_malignant_1_mask.png"),
-         "gt_select": "component:1", "name": "busi"},
+        {
+            "image": str(BUSI),
+            "box": BUSI_BOX,
+            "gt": str(SAMPLES / "busi_malignant_1_mask.png"),
+            "gt_select": "component:1",
+            "name": "busi",
+        },
         {"image": "missing.png", "box": "1,2,30,40", "gt": "", "gt_select": "", "name": "missing"},
     ]
     prompts = tmp_path / "p.csv"
@@ -223,7 +230,9 @@ def test_segment_picked_channel_of_a_cyx_tiff(use_shared_model, tmp_path, capsys
     tifffile.imwrite(stack, np.stack([np.fliplr(gray), gray]))
     one, two = tmp_path / "one.tif", tmp_path / "two.tif"
     assert cli.main(["segment", str(BUSI), "--box", BUSI_BOX, "-o", str(one), "--device", "cpu"]) == 0
-    assert cli.main(["segment", str(stack), "--channels", "1", "--box", BUSI_BOX, "-o", str(two), "--device", "cpu"]) == 0
+    assert (
+        cli.main(["segment", str(stack), "--channels", "1", "--box", BUSI_BOX, "-o", str(two), "--device", "cpu"]) == 0
+    )
     a, b = tifffile.imread(one), tifffile.imread(two)
     assert a.any() and (a == b).all()
     capsys.readouterr()
@@ -256,3 +265,33 @@ def test_session_command_reports_damaged_records_and_exports(tmp_path, capsys):
     # no session there and no images given: a clear error, exit status 2
     assert cli.main(["session", str(tmp_path / "nothing")]) == 2
     assert "holds no session" in _one_error_line(capsys.readouterr().err)
+
+
+def test_segment_and_batch_small_box_zoom_and_exact(use_shared_model, shared_fast_model, tmp_path, capsys):
+    """Issue 14, same in every front-end: ``segment`` / ``batch`` on a small nucleus give the mask
+    ``MedSAM.segment(image, box=...)`` gives (the zoom strategy of engine.zoom on the default model);
+    ``--exact`` gives the authors' one full-view decode (``predict``)."""
+    from napari_medsam.engine.cases import load_cases
+    from napari_medsam.engine.metrics import dice
+
+    image = SAMPLES / "dsb2018_nuclei.png"
+    case = next(c for c in load_cases(SAMPLES, dims=2) if c.image.name == image.name)
+    box = ",".join(str(int(v)) for v in case.box)
+    gray = read_gray(image)
+    zoomed, exact = tmp_path / "zoom.tif", tmp_path / "exact.tif"
+    assert cli.main(["segment", str(image), "--box", box, "-o", str(zoomed), "--device", "cpu"]) == 0
+    assert cli.main(["segment", str(image), "--box", box, "-o", str(exact), "--device", "cpu", "--exact"]) == 0
+    got, got_exact = tifffile.imread(zoomed) > 0, tifffile.imread(exact) > 0
+    want = shared_fast_model.segment(gray, box=case.box)
+    np.testing.assert_array_equal(got, want)
+    full = shared_fast_model.predict(shared_fast_model.embed(gray), case.box).masks[0]
+    assert not np.array_equal(want, full), "the zoom changed this nucleus's mask"
+    np.testing.assert_array_equal(got_exact, use_shared_model.predict(use_shared_model.embed(gray), case.box).masks[0])
+    assert dice(got, case.ground_truth()) > 0.7
+    prompts = tmp_path / "p.csv"
+    prompts.write_text(f'image,box,name\n{image},"{box}",nuc\n')
+    assert cli.main(["batch", str(prompts), "--out-dir", str(tmp_path / "out"), "--no-progress"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "nuc.tif") > 0, want)
+    assert cli.main(["batch", str(prompts), "--out-dir", str(tmp_path / "ex"), "--no-progress", "--exact"]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "ex" / "nuc.tif") > 0, got_exact)
+    capsys.readouterr()

@@ -126,7 +126,7 @@ def test_negative_ct_window_level_as_a_separate_argument(model, tmp_path, capsys
         (["--box", "-inf,0,10,10"], "infinite"),
         (["--box", "nan,0,10,10"], "NaN"),
         (["--box", "1e999,0,10,10"], "infinite"),
-        (["--box", "1;2;3;4"], "four numbers"),
+        (["--box", "1:2:3:4"], "four numbers"),  # "," ";" and blanks separate (engine.validate)
         (["--box", "0x10,0,10,10"], "four numbers"),
         (["--box", "-5,-5,-1,-1"], "box"),
         (["--box", "5000,5000,6000,6000"], "box"),

@@ -195,7 +195,9 @@ def test_round_trip_and_resume(folder, tmp_path, monkeypatch):
     # boxes come back bit for bit (float32 vertices, order, types, label ids incl. an unaccepted box)
     data, types, ids = r.layer_state(ivol)
     assert types == ["rectangle"] * 3 and ids.tolist() == [3, 4, 0]
-    for a, b in zip(data, [rect(6, 200, 180, 259, 249), rect(7, 100, 100, 119, 129), rect(2, 10, 10, 40, 40)], strict=False):
+    for a, b in zip(
+        data, [rect(6, 200, 180, 259, 249), rect(7, 100, 100, 119, 129), rect(2, 10, 10, 40, 40)], strict=False
+    ):
         np.testing.assert_array_equal(a.astype(np.float32), b)
     assert layer_from_boxes(boxes2d)[2].tolist() == [1, 2]
 

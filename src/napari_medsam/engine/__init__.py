@@ -7,17 +7,17 @@ from .models.registry import REGISTRY, get_spec
 from .predictor import MedSAM, Prediction, pick_device
 
 __all__ = [
-    "MedSAM",
-    "Prediction",
-    "Embedding",
-    "EmbeddingCache",
-    "MedSAMError",
-    "ImageError",
-    "BoxError",
-    "CheckpointError",
-    "ReadError",
     "CT_PRESETS",
     "REGISTRY",
+    "BoxError",
+    "CheckpointError",
+    "Embedding",
+    "EmbeddingCache",
+    "ImageError",
+    "MedSAM",
+    "MedSAMError",
+    "Prediction",
+    "ReadError",
     "get_spec",
     "pick_device",
 ]
