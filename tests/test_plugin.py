@@ -205,9 +205,9 @@ def test_multichannel_pick_channels(viewer_with, qtbot, samples):
     _draw(qtbot, viewer, widget, case.box)
     got = c.labels.data == 1
     assert dice(got, case.ground_truth()) > 0.7
-    # the engine's decode of the same plane (segment() of an image also adds the zoom strategy of
-    # engine/zoom.py for small boxes, which the viewer does not run on an accept)
-    engine = c.model.segment(c.model.embed(gray), box=case.box)
+    # the engine's answer for the plane the encoder saw (the picked channel as RGB): for this small
+    # nucleus, the zoom strategy of engine/zoom.py, as on an accept in the viewer
+    engine = c.model.segment(c.encoder.plane(()), box=case.box)
     assert (got == engine).all(), "the viewer gives what the engine gives"
 
     widget.channels_edit.setText("0,7")
@@ -292,8 +292,8 @@ def test_box_storm_while_encoding_keeps_accepts_in_order(viewer_with, qtbot, sam
     assert c.stats["accepts"] == 19 and c.next_label == 20, "each accept applied exactly once"
     assert c.boxes.features["label"].tolist() == [*range(1, 20), 0], "accepts applied in order"
     emb = pending.result()
-    first = c.model.predict(emb, case.box)
-    np.testing.assert_array_equal(c.labels.data == 1, first.masks[0])
+    first = c.model.segment(c.encoder.plane(()), box=case.box)  # the accept's answer: segment() of the plane
+    np.testing.assert_array_equal(c.labels.data == 1, first)
     last_box = (x0 + 19, y0 + 19, x1 - 19, y1 - 19)
     region = preview_region(last_box, gray.shape)
     want = np.zeros(gray.shape, bool)
@@ -362,3 +362,49 @@ def test_volume_slices_are_encoded_ahead_from_the_current_slice_outward(viewer_w
     pump(50)
     assert c.encoder.request((nxt,)).done(), "the slice was encoded before the user got there"
     assert widget.prefetch_bar.maximum() >= 1
+
+
+def test_small_box_accept_is_the_zoom_mask_and_exact_is_predict(viewer_with, qtbot, samples):
+    """Issue 14, same in every front-end: a small nucleus drawn in the viewer (default model) gets the
+    label ``model.segment(plane, box=...)`` gives (the zoom strategy: crops encoded in the decoder
+    worker while the widget shows busy); the preview during the drag stays the full-view decode. With
+    "authors' exact numerics" the same box's label is the exact ``predict`` on the full view."""
+    from napari_medsam.engine.labels import box_from_vertices
+
+    case = next(c for c in load_cases(samples) if c.image.name == "dsb2018_nuclei.png")
+    gray = read_gray(case.image)
+    gt = case.ground_truth()
+    viewer, layer, widget, c0 = viewer_with(gray, name="nuclei")
+    assert not c0.model.exact
+    seen: list[str] = []
+    report = c0.report
+    c0.report = lambda text: (seen.append(text), report(text))
+    _draw(qtbot, viewer, widget, case.box)
+    _, box = box_from_vertices(c0.boxes.data[0])
+    plane = c0.encoder.plane(())
+    np.testing.assert_array_equal(plane, c0.model.prepare(gray))  # the encoded plane is the engine's
+    got = c0.labels.data == 1
+    want = c0.model.segment(plane, box=box)
+    np.testing.assert_array_equal(got, want)
+    full = c0.model.predict(c0.encoder.request(()).result(), box).masks[0]
+    assert not np.array_equal(got, full), "the zoom changed this nucleus's mask"
+    assert c0.stats["preview_updates"] >= 1 and c0.stats["accepts"] == 1
+    assert "waiting for the encoder..." in seen, "the crop encodes are shown as busy"
+    assert seen[-1].startswith("label 1:") and "zoom" in seen[-1], seen[-1]
+    assert dice(got, gt) > 0.7
+
+    c0.undo()  # the same box again with the authors' pipeline
+    assert not c0.labels.data.any()
+    widget.exact.setChecked(True)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.controller is not c0 and widget.controller is not None, timeout=180_000)
+    c = _ready(qtbot, widget)
+    assert c.model.exact
+    c.boxes.mode = "add_rectangle"
+    _draw(qtbot, viewer, widget, case.box)
+    _, box2 = box_from_vertices(c.boxes.data[-1])
+    emb = c.encoder.request(()).result()
+    exact = c.model.predict(emb, box2).masks[0]
+    lab = c.labels.data
+    np.testing.assert_array_equal(lab == lab[exact].max(), exact)
+    np.testing.assert_array_equal(exact, c.model.segment(gray, box=box2))

@@ -133,7 +133,7 @@ class BoxAnnotator:
         self.boxes.scale, self.boxes.translate = scale, translate
         self.events.hook(self.boxes)
         self.next_label = max(self.next_label, int(self.labels.data.max()) + 1)
-        self._committed = self._snapshot()
+        self._committed = boxes_state(self.boxes)
         self.set_intensity(modality, window)
         self.viewer.layers.selection.active = self.boxes
         self.boxes.mode = "add_rectangle"
@@ -165,8 +165,9 @@ class BoxAnnotator:
             return None
         self._generation += 1
         self.prefetch.box_event()
-        fut = self.encoder.request(lead, NOW)
-        return BoxJob(self._generation, lead, box, fut, kind, shape_index, t_event)
+        fut, snap = self.encoder.request(lead, NOW), self.encoder.snapshot()  # one version: set_source is GUI-only
+        plane = (lambda: self.encoder.plane(lead, snap)) if kind is JobKind.ACCEPT else None  # the encoded pixels
+        return BoxJob(self._generation, lead, box, fut, kind, shape_index, t_event, plane)
 
     def preview_shape(self, shape_index: int, t_event: float | None = None) -> None:
         """Show box ``shape_index``'s mask in the preview layer (the newest box wins)."""
@@ -175,7 +176,7 @@ class BoxAnnotator:
             self.decoder.preview(job)
 
     def accept_shape(self, shape_index: int) -> None:
-        """Segment box ``shape_index`` at full resolution and write it as its object's label."""
+        """Segment box ``shape_index`` as ``model.segment(plane, box=...)`` would; write it as its label."""
         job = self._job(shape_index, JobKind.ACCEPT, time.perf_counter())
         if job is not None:
             self.decoder.accept(job)
@@ -231,9 +232,6 @@ class BoxAnnotator:
         self._preview_mask = new
 
     # -- objects ----------------------------------------------------------------
-    def _snapshot(self):
-        return boxes_state(self.boxes)
-
     def _restore(self, state) -> None:
         self._restoring = True
         try:
@@ -243,7 +241,7 @@ class BoxAnnotator:
 
     def _commit(self, edit: Edit) -> None:
         """Record ``edit`` (its ``boxes_after`` = now) and make now the committed state."""
-        edit.boxes_after = self._committed = self._snapshot()
+        edit.boxes_after = self._committed = boxes_state(self.boxes)
         self.history.push(edit)
         self._changed(edit.name)
 
@@ -284,16 +282,17 @@ class BoxAnnotator:
             self.next_label = max(self.next_label, label_id) + 1
         self._commit(Edit("accept" if new_object else "edit", [patch], before))
         self.stats["accepts"] += 1
-        iou = float(res.prediction.iou[0])
+        iou, z = float(res.prediction.iou[0]), res.zoom
+        how = f", zoom {z.zoom:.1f}x ({z.encodes} encodes)" if z is not None and z.path != "full" else ""
         self.report(
-            f"label {label_id}: {int(mask.sum())} px, predicted IoU {iou:.2f}, decode {res.decode_s * 1000:.0f} ms"
+            f"label {label_id}: {int(mask.sum())} px, predicted IoU {iou:.2f}, {res.decode_s * 1000:.0f} ms{how}"
         )
 
     def _on_removing(self, event) -> None:
         if self._restoring:
             return
         before = self._committed
-        now = self._snapshot()[2]
+        now = boxes_state(self.boxes)[2]
         ids = [int(now[i]) for i in event.data_indices if i < len(now)]
         patches = [self._erase(i) for i in ids if i > 0]
         if patches:
