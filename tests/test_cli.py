@@ -295,3 +295,22 @@ def test_segment_and_batch_small_box_zoom_and_exact(use_shared_model, shared_fas
     assert cli.main(["batch", str(prompts), "--out-dir", str(tmp_path / "ex"), "--no-progress", "--exact"]) == 0
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "ex" / "nuc.tif") > 0, got_exact)
     capsys.readouterr()
+
+
+def test_version_comes_from_the_package_metadata(capsys, monkeypatch):
+    from importlib.metadata import PackageNotFoundError, version
+
+    from napari_medsam.cli import parser
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"napari-medsam {version('napari-medsam')}"
+
+    def not_installed(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(parser, "version", not_installed)  # a source tree that was never installed
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == "napari-medsam 0.0.0+unknown"
