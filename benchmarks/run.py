@@ -49,8 +49,11 @@ def authors_decode(module, emb, box, hw, new_hw):
     with torch.no_grad():
         sparse, dense = module.prompt_encoder(points=None, boxes=box_t, masks=None)
         logits, _ = module.mask_decoder(
-            image_embeddings=emb, image_pe=module.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            image_embeddings=emb,
+            image_pe=module.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
         )
         logits = logits[..., : new_hw[0], : new_hw[1]]
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
@@ -158,7 +161,6 @@ def bench_drag(n_moves=60, process=True):
     decoder thread in the GUI's process (``NAPARI_MEDSAM_DECODER_PROCESS=0``).
     """
     from _gui import drag, pump
-
     from napari_medsam._widget import MedSAMWidget
 
     os.environ["NAPARI_MEDSAM_DECODER_PROCESS"] = "1" if process else "0"
@@ -189,7 +191,9 @@ def bench_drag(n_moves=60, process=True):
     c._show_preview = record
     dispatched = []  # like the bare run: latency counts from before napari handles the move
     start = time.perf_counter()
-    drag(viewer, layer, DRAG_START, None, path=_drag_path(n_moves), wait_ms=16, on_move=lambda i, t: dispatched.append(t))
+    drag(
+        viewer, layer, DRAG_START, None, path=_drag_path(n_moves), wait_ms=16, on_move=lambda i, t: dispatched.append(t)
+    )
     while not c.decoder.idle():
         pump(10)
     pump(100)
@@ -205,8 +209,12 @@ def bench_drag(n_moves=60, process=True):
     viewer.close()
     os.environ.pop("NAPARI_MEDSAM_DECODER_PROCESS", None)
     return {
-        "rate": len(shown) / elapsed, "n": len(shown), "lat": stats(lat) if lat else (float("nan"),) * 2,
-        "dropped": c.decoder.dropped, "decode": stats(decode) if decode else (float("nan"),) * 2, "child": answered,
+        "rate": len(shown) / elapsed,
+        "n": len(shown),
+        "lat": stats(lat) if lat else (float("nan"),) * 2,
+        "dropped": c.decoder.dropped,
+        "decode": stats(decode) if decode else (float("nan"),) * 2,
+        "child": answered,
         "ready": ready,
     }
 
@@ -234,7 +242,9 @@ def bench_volume():
         mask = model.segment_volume(vol, c.box, c.key_slice, modality=modality, stats=stats)
         seconds = time.perf_counter() - t
         z = np.flatnonzero(mask.any(axis=(1, 2)))
-        rows.append((c.case, vol.shape, seconds, f"{stats['n_encoded']} (unique: {len(set(stats['encoded']))})", len(z)))
+        rows.append(
+            (c.case, vol.shape, seconds, f"{stats['n_encoded']} (unique: {len(set(stats['encoded']))})", len(z))
+        )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return rows, peak_mb
 
@@ -242,9 +252,10 @@ def bench_volume():
 def machine():
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
                 break
     except OSError:
         pass
@@ -286,9 +297,11 @@ def main(argv=None):
     lines = [
         "# Benchmarks",
         "",
-        f"Machine: {machine()}. Run: `python benchmarks/run.py{' --drag' if a.drag else ''}` "
-        f"({time.strftime('%Y-%m-%d')}). LiteMedSAM, CPU, fp32. Times in ms; ratio = ours / authors' "
-        "(the authors' pipeline timed in the same run, interleaved with ours).",
+        (
+            f"Machine: {machine()}. Run: `python benchmarks/run.py{' --drag' if a.drag else ''}` "
+            f"({time.strftime('%Y-%m-%d')}). LiteMedSAM, CPU, fp32. Times in ms; ratio = ours / authors' "
+            "(the authors' pipeline timed in the same run, interleaved with ours)."
+        ),
         "",
         "| what | n | ours median | ours p95 | authors median | authors p95 | ratio (median) |",
         "|---|---|---|---|---|---|---|",
@@ -307,11 +320,13 @@ def main(argv=None):
             "",
             "## Live drag in a real viewer (Xvfb, software OpenGL)",
             "",
-            "60 scripted mouse moves, 16 ms apart, over a 512 x 512 image in a 1400 x 900 window "
-            "(canvas about 1050 x 850). Latency = from the dispatch of the move event to the end of the first canvas draw "
-            "after the preview layer got that box's mask; decode = box sent -> mask back, as the GUI sees it. "
-            "napari alone = the same drag on a plain Shapes layer, no plugin, in the same run: its draws per "
-            "second and move -> drawn latency are the ceiling for any preview.",
+            (
+                "60 scripted mouse moves, 16 ms apart, over a 512 x 512 image in a 1400 x 900 window "
+                "(canvas about 1050 x 850). Latency = from the dispatch of the move event to the end of the first canvas draw "
+                "after the preview layer got that box's mask; decode = box sent -> mask back, as the GUI sees it. "
+                "napari alone = the same drag on a plain Shapes layer, no plugin, in the same run: its draws per "
+                "second and move -> drawn latency are the ceiling for any preview."
+            ),
             "",
             "| run | updates / s | updates | latency p50 (ms) | latency p95 (ms) | decode p50 / p95 (ms) | stale boxes skipped |",
             "|---|---|---|---|---|---|---|",
@@ -325,9 +340,11 @@ def main(argv=None):
         r = runs[0][1]
         lines += [
             "",
-            f"Ratios to napari alone (default run): updates / s {r['rate'] / bare['rate']:.2f}, "
-            f"latency p50 {r['lat'][0] / bare['lat'][0]:.2f}, p95 {r['lat'][1] / bare['lat'][1]:.2f}. "
-            f"The child process answered {r['child']} of the {r['n']} previews.",
+            (
+                f"Ratios to napari alone (default run): updates / s {r['rate'] / bare['rate']:.2f}, "
+                f"latency p50 {r['lat'][0] / bare['lat'][0]:.2f}, p95 {r['lat'][1] / bare['lat'][1]:.2f}. "
+                f"The child process answered {r['child']} of the {r['n']} previews."
+            ),
         ]
     if a.volume:
         vrows, peak = bench_volume()
