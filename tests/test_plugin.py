@@ -19,6 +19,7 @@ from napari_medsam._annotator.constants import BOXES, LABELS, PREVIEW
 from napari_medsam._widget import MedSAMWidget
 from napari_medsam.engine.evaluation import dice, load_cases
 from napari_medsam.engine.io import read_image
+from napari_medsam.engine.labels import box_from_vertices
 
 pytestmark = pytest.mark.gui
 
@@ -83,8 +84,11 @@ def test_draw_preview_accept_edit_delete_undo_redo(viewer_with, qtbot, shared_da
 
     _draw(qtbot, viewer, widget, spleen.box)
     assert set(np.unique(labels)) == {0, 1, 2}, "a second object gets a new id"
-    spleen_ref = np.load(shared_data / "reference" / f"2D_{spleen.name}.npz")["segs"] > 0
-    assert dice(labels == 2, spleen_ref) >= 0.98
+    # the spleen's box is small at the model's 256-px input: its accept adds the zoom strategy (issue 14),
+    # so its label is segment() of the plane (Dice 0.84 to the ground truth here; the authors' mask: 0.63)
+    _, spleen_box = box_from_vertices(c.boxes.data[1])
+    np.testing.assert_array_equal(labels == 2, c.model.segment(c.encoder.plane(()), box=spleen_box))
+    assert dice(labels == 2, spleen.ground_truth()) >= 0.8
     after_second = labels.copy()
 
     # edit: move the liver box's bottom-right corner outwards -> re-segmented, other object untouched
@@ -369,8 +373,6 @@ def test_small_box_accept_is_the_zoom_mask_and_exact_is_predict(viewer_with, qtb
     label ``model.segment(plane, box=...)`` gives (the zoom strategy: crops encoded in the decoder
     worker while the widget shows busy); the preview during the drag stays the full-view decode. With
     "authors' exact numerics" the same box's label is the exact ``predict`` on the full view."""
-    from napari_medsam.engine.labels import box_from_vertices
-
     case = next(c for c in load_cases(samples) if c.image.name == "dsb2018_nuclei.png")
     gray = read_gray(case.image)
     gt = case.ground_truth()
