@@ -17,13 +17,14 @@ import torch
 from . import validate
 from .cache import Embedding, EmbeddingCache
 from .errors import BatchError, ImageError
-from .intensity import WindowLike, convert, gray_to_rgb, parse_window
+from .intensity import WindowLike, convert, gray_to_rgb, model_input, parse_window
 from .io import ImageData
 from .models.registry import ModelSpec, get_spec
 from .predictor import MedSAM
 from .types import Segmenter
 from .validate import parse_box
 from .volume import segment_volume
+from .zoom import segment_box
 
 Box = tuple[float, float, float, float]
 
@@ -167,10 +168,14 @@ class ImageSegmenter:
                 raise ImageError(
                     f"slice/propagate given but {self.image.path} is a 2D image of shape {self.image.array.shape}"
                 )
-            emb, enc = self._embedding(("2d", modality, win), lambda: self.model.embed(self.image.array, modality, win))
+            key = ("2d", modality, win)
+            if key not in self._u8:  # what MedSAM.embed / prepare convert the image to
+                self._u8[key] = model_input(self.image.array, "image", modality, win)
+            rgb = self._u8[key]
+            emb, enc = self._embedding(key, lambda: self.model.embed_rgb(rgb))
             t0 = time.perf_counter()
-            pred = self.model.predict(emb, b)
-            return Segmentation(pred.masks[0], float(pred.iou[0]), enc, time.perf_counter() - t0, pred.boxes[0])
+            mask, iou, used = self._decode(emb, rgb, b)
+            return Segmentation(mask, iou, enc, time.perf_counter() - t0, used)
         depth = self.image.array.shape[0]
         if slice is None:
             raise ImageError(
@@ -188,10 +193,19 @@ class ImageSegmenter:
         rgb = gray_to_rgb(u8)
         emb, enc = self._embedding(("slice", modality, win, slice), lambda: self.model.embed_rgb(rgb))
         t0 = time.perf_counter()
-        pred = self.model.predict(emb, b)
         mask = np.zeros(self.spatial_shape, bool)
-        mask[slice] = pred.masks[0]
-        return Segmentation(mask, float(pred.iou[0]), enc, time.perf_counter() - t0, pred.boxes[0])
+        mask[slice], iou, used = self._decode(emb, rgb, b)
+        return Segmentation(mask, iou, enc, time.perf_counter() - t0, used)
+
+    def _decode(self, emb: Embedding, rgb: np.ndarray, box: Box) -> tuple[np.ndarray, float, np.ndarray]:
+        """(mask, predicted IoU, box as used) as ``MedSAM.segment(rgb, box=...)`` answers: LiteMedSAM
+        not ``exact``: the zoom strategy (:func:`engine.zoom.segment_box`, crops encoded here, their
+        time in ``decode_s``); else (``--exact``, other models) one decode on the full view."""
+        if getattr(self.model, "exact", False) or self.model.name != "litemedsam":
+            pred = self.model.predict(emb, box)
+            return pred.masks[0], float(pred.iou[0]), pred.boxes[0]
+        mask, info = segment_box(self.model, rgb, box, full_embedding=emb)
+        return mask, float(np.mean(info.iou)), validate.normalize_boxes(box, rgb.shape[:2])[0]
 
     def _propagate(
         self, box: Sequence[float], modality: str, win: WindowLike, slice: int, z_range: tuple[int, int] | None
