@@ -321,7 +321,10 @@ def main(argv=None):
     ]
     for name, n, om, op, tm, tp in rows:
         lines.append(f"| {name} | {n} | {om:.1f} | {op:.1f} | {tm:.1f} | {tp:.1f} | {om / tm:.2f} |")
-    lines += ["", f"Cached embedding of the default path: {emb_bytes / 1e6:.2f} MB (fp16; the exact path keeps fp32, twice that)."]
+    lines += [
+        "",
+        f"Cached embedding of the default path: {emb_bytes / 1e6:.2f} MB (fp16; the exact path keeps fp32, twice that).",
+    ]
     if a.drag:
         bare = bench_bare_drag()
         child = bench_drag(process=True)
