@@ -24,8 +24,8 @@ def _fast_option(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help=(
             "the authors' pipeline end to end (their encoder and decoder numerics, no mask refinement). "
-            "Default: the fastest path that keeps the masks (ONNX Runtime or fused TinyViT encoder, fused decoder; "
-            "masks agree with --exact at mean Dice >= 0.999, docs/benchmarks_speed.md)"
+            "Default: the fast path (ONNX Runtime or fused TinyViT encoder, fused decoder: same masks as --exact "
+            "at mean Dice >= 0.999 on one view) and small boxes answered from zoomed crops (docs/accuracy.md)"
         ),
     )
     p.add_argument("--fast", action="store_true", help="no effect, kept for old scripts: the fast path is the default")
