@@ -304,7 +304,9 @@ def test_dask_workers_match_single_process(sample_run, tmp_path):
     # in production) and only decode, which keeps this test short. Encoding inside a
     # worker (1 thread) gave identical masks when this was written without the cache.
     cache = d / "emb-cache"
-    assert len(list(cache.glob("*.npz"))) == 2
+    # two full views plus the zoomed crops of the small nucleus boxes
+    cached = len(list(cache.glob("*.npz")))
+    assert cached > 2
     res2 = run_batch(
         prompts,
         tmp_path / "out",
@@ -325,7 +327,7 @@ def test_dask_workers_match_single_process(sample_run, tmp_path):
         assert r.iou == pytest.approx(single[r.name].iou, abs=1e-4)
         if single[r.name].dice is not None:
             assert r.dice == pytest.approx(single[r.name].dice, abs=1e-9)
-    assert len(list(cache.glob("*.npz"))) == 2  # one shared embedding per image
+    assert len(list(cache.glob("*.npz"))) == cached  # the workers encoded nothing new: every view was shared
     assert not _leftovers(tmp_path / "out")
 
 
