@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from napari_medsam.engine.precompute import outward
+
 from .constants import Priority
 
 #: seconds without a box event before background encoding may start again
@@ -30,14 +32,6 @@ def budget(cache, n_planes: int, plane_bytes: int = EMBEDDING_BYTES) -> int:
         return n_planes
     per = plane_bytes // 2 if getattr(cache, "fp16", False) else plane_bytes
     return max(0, min(n_planes, int(cache.max_bytes) // 2 // max(per, 1)))
-
-
-def outward(index: int, size: int) -> list[int]:
-    """``index``, then its neighbours one step further out each time, within ``0..size-1``."""
-    order = [index]
-    for step in range(1, size):
-        order += [i for i in (index + step, index - step) if 0 <= i < size]
-    return order
 
 
 class Prefetch:
@@ -70,7 +64,7 @@ class Prefetch:
         if not index:
             return
         size = spatial[len(index) - 1]
-        order = outward(index[-1], size)
+        order = outward(size, index[-1])
         for z in order[1:3]:
             self.encoder.request((*index[:-1], z), Priority.SOON)
         n = budget(getattr(model, "cache", None), size)
