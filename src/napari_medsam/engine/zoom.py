@@ -25,6 +25,7 @@ import numpy as np
 
 from .cache import Embedding
 from .errors import ImageError
+from .intensity import gray_to_rgb
 from .validate import normalize_boxes
 
 Window = tuple[int, int, int, int]  # y0, y1, x0, x1 (half-open), image pixels
@@ -140,7 +141,7 @@ def read_crop(image: Any, window: Window) -> np.ndarray:
     if crop.dtype != np.uint8:
         raise ImageError(f"the zoom path reads prepared 8-bit images, got {crop.dtype} (use model.prepare)")
     if crop.ndim == 2:
-        crop = np.repeat(crop[:, :, None], 3, axis=-1)
+        return gray_to_rgb(crop)
     return np.ascontiguousarray(crop[:, :, :3])
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from napari_medsam.engine.atomic import atomic_write
 from napari_medsam.engine.errors import MedSAMError
 
 WEB_MODELS = ("litemedsam",)
@@ -108,19 +109,21 @@ def export_decoder(model, folder: os.PathLike) -> Path:
     path = folder / f"{model.name}-decoder-{_digest(wrapper)}.onnx"
     if path.exists():
         return path
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     emb = torch.zeros(1, 256, 64, 64, dtype=torch.float16)
     box = torch.tensor([[10.0, 10.0, 100.0, 100.0]])
     import warnings
 
     kw = {"input_names": ["embedding", "box"], "output_names": ["logits", "iou"], "opset_version": 17}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
+
+    def write(tmp: Path) -> None:
         try:
             torch.onnx.export(wrapper, (emb, box), str(tmp), dynamo=False, **kw)
         except TypeError:  # older torch without the dynamo switch
             torch.onnx.export(wrapper, (emb, box), str(tmp), **kw)
-    os.replace(tmp, path)
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        atomic_write(path, write)  # engine.atomic: sibling temp, fsync, replace; temp removed on failure
     return path
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from napari_medsam.engine.errors import MedSAMError
-from napari_medsam.engine.intensity import CT_PRESETS, parse_window, resolve_modality
+from napari_medsam.engine.intensity import CT_PRESETS, gray_to_rgb, parse_window, resolve_modality
 from napari_medsam.engine.session import DONE, IN_PROGRESS, NOT_STARTED, SKIPPED, LabelingSession, SessionError
 
 from .encoder import NOW, PREFETCH, SOON, EncoderQueue
@@ -105,7 +105,7 @@ class WebService:
         if u8.ndim == 3 and u8.shape[-1] == 3 and self.image(index).kind != "volume":
             return u8
         z = self._check_z(u8.shape[0], z)
-        return np.ascontiguousarray(np.repeat(u8[z][:, :, None], 3, axis=-1))
+        return gray_to_rgb(u8[z])
 
     @staticmethod
     def _check_z(depth: int, z: int | None) -> int:
