@@ -195,8 +195,8 @@ def test_prefetch_policy_outward_budget_and_quiet(lite):
     from napari_medsam._annotator.prefetch import QUIET_S, Prefetch, budget, outward
     from napari_medsam.engine.cache import EmbeddingCache
 
-    assert outward(3, 6) == [3, 4, 2, 5, 1, 0]
-    assert outward(0, 3) == [0, 1, 2]
+    assert outward(6, 3) == [3, 4, 2, 5, 1, 0]  # (depth, start)
+    assert outward(3, 0) == [0, 1, 2]
     mem = EmbeddingCache(max_bytes=64 * 2**20)
     assert budget(mem, 100, 4 * 2**20) == 8  # half the memory cache
     assert budget(EmbeddingCache(max_bytes=64 * 2**20, fp16=True), 100, 4 * 2**20) == 16
