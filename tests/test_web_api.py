@@ -176,3 +176,81 @@ def test_work_undo_redo_and_ids():
     with pytest.raises(EditError):
         w.edit(5, [0, 0, 3, 3], None, m)
     assert w.boxes[0]["vertices"] == [[2.0, 3.0], [2.0, 8.0], [4.0, 8.0], [4.0, 3.0]]
+
+
+def test_decoder_files_are_served(server):
+    srv, b, _ = server
+    status, body, _ = call(srv.url + "/api/session")
+    assert json.loads(body)["decoder"] == {"image": "/api/decoder/image.onnx", "box": "/api/decoder/box.onnx"}
+    for part in ("image", "box"):
+        status, body, _ = call(srv.url + f"/api/decoder/{part}.onnx")
+        assert status == 200 and body == getattr(b.decoder, part).read_bytes()
+    assert call(srv.url + "/api/decoder/service.onnx")[0] == 404
+
+
+# real cases from samples/cases.csv: large lesions, small nuclei, a nucleus cut by the border
+SPLIT_CASES = [
+    ("busi_malignant_1.png", (8, 133, 439, 403)),
+    ("isic_0014270.png", (383, 152, 651, 472)),
+    ("dsb2018_nuclei.png", (155, 129, 179, 153)),
+    ("dsb2018_nuclei.png", (347, 0, 364, 9)),
+    ("dsb2018_nuclei.png", (182, 394, 209, 422)),
+    ("dsb2018_nuclei.png", (100, 100, 300, 300)),  # a box over many nuclei
+]
+
+
+def test_split_browser_decoder_equals_the_engine(lite, tmp_path):
+    """The page's two ONNX graphs (per image, per box on the box's token window, run here with
+    ONNX Runtime as the page runs them with ONNX Runtime Web) give the engine's masks."""
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from napari_medsam.engine.fast import auto_window, touches_border, window_pixels
+    from napari_medsam.server import build
+    from napari_medsam.server.decoder_onnx import IMAGE_OUTPUTS
+    from napari_medsam.server.web_decoder import FILL_LOGIT
+
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    for name in {c[0] for c in SPLIT_CASES}:
+        shutil.copy(SAMPLES / name, imgs / name)
+    b = build(imgs, tmp_path / "out", model_obj=lite, web_cache=tmp_path / "web", prefetch=False)
+    try:
+        assert b.decoder is not None
+        image_s = ort.InferenceSession(str(b.decoder.image), providers=["CPUExecutionProvider"])
+        box_s = ort.InferenceSession(str(b.decoder.box), providers=["CPUExecutionProvider"])
+        recipe = lite.recipe
+        for name, box in SPLIT_CASES:
+            rgb = b.service.slice_rgb(b.service.index_of(name), None, None)
+            emb = lite.embed_rgb(rgb)
+            e16 = emb.features.to(torch.float16).numpy()
+            state = dict(zip(IMAGE_OUTPUTS, image_s.run(None, {"embedding": e16}), strict=True))
+            r = recipe.input_size / max(emb.original_size)
+            bt = np.array([[int(v * r) for v in box]], np.float32)  # the page's trunc(box * 256 / max(H, W))
+
+            def run(win, state=state, bt=bt):
+                ty0, ty1, tx0, tx1 = win
+                feed = {**state, "box": bt, "rows": np.arange(ty0, ty1), "cols": np.arange(tx0, tx1)}
+                flat, iou = box_s.run(None, feed)
+                full = np.full((1, 1, 256, 256), FILL_LOGIT, np.float32)
+                full[0, 0, ty0 * 4 : ty1 * 4, tx0 * 4 : tx1 * 4] = flat.reshape(4 * (ty1 - ty0), 4 * (tx1 - tx0))
+                return torch.from_numpy(full), iou
+
+            win = auto_window(recipe, torch.from_numpy(bt), emb.resized, (64, 64))
+            logits, iou = run(win)
+            if touches_border(logits, win, emb.resized, 4):  # the page's fallback: the whole grid
+                win = (0, 64, 0, 64)
+                logits, iou = run(win)
+            y0, y1, x0, x1 = window_pixels(win, 4, emb.resized, emb.original_size)
+            mask = np.zeros(emb.original_size, bool)
+            mask[y0:y1, x0:x1] = recipe.postprocess(logits, emb.resized, emb.original_size, (y0, y1, x0, x1))[0]
+            ref = lite.predict(emb, box)
+            want = np.asarray(ref.masks[0], bool)
+            d = 2.0 * (mask & want).sum() / max(mask.sum() + want.sum(), 1)
+            assert want.sum() > 0 and d > 0.99, (name, box, d)
+            assert abs(float(iou.ravel()[0]) - float(np.ravel(ref.iou)[0])) < 1e-3, (name, box)
+            # the whole grid (the fallback, and boxes with an empty window) gives the same mask
+            full = recipe.postprocess(run((0, 64, 0, 64))[0], emb.resized, emb.original_size)[0].numpy()
+            assert 2.0 * (full & want).sum() / max(full.sum() + want.sum(), 1) > 0.99, (name, box)
+    finally:
+        b.service.close()

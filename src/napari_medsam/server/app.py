@@ -42,7 +42,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(
     service: WebService,
-    decoder_path: Path | None = None,
+    decoder=None,
     token: str | None = None,
     allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
@@ -111,17 +111,19 @@ def create_app(
             **service.listing(c),
             "start": service.start_index(c),
             "model": service.model.name,
-            "decoder": "/api/decoder.onnx" if decoder_path else None,
+            "decoder": {k: f"/api/decoder/{k}.onnx" for k in ("image", "box")} if decoder else None,
             "device": str(service.model.device),
             "warnings": list(service.session.warnings),
         }
 
-    @app.get("/api/decoder.onnx")
-    def decoder():
-        if decoder_path is None:
+    @app.get("/api/decoder/{part}.onnx")
+    def decoder_file(part: str):
+        if decoder is None:
             return _error(404, f"no browser decoder for {service.model.name}: previews are decoded by the server")
+        if part not in ("image", "box"):
+            return _error(404, f"the browser decoder has an image and a box part, not {part!r}")
         return FileResponse(
-            decoder_path, media_type="application/octet-stream", headers={"Cache-Control": "max-age=86400"}
+            getattr(decoder, part), media_type="application/octet-stream", headers={"Cache-Control": "max-age=86400"}
         )
 
     @app.get("/api/by-name")

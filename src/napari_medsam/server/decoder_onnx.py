@@ -1,25 +1,33 @@
-"""The prompt encoder + mask decoder of a model as one ONNX graph, for the browser.
+"""The browser's decoder as ONNX: exported once per weights, cached, served to the page.
 
-The browser runs this file with ONNX Runtime Web (wasm) on every drag move, against
-the image embedding the server sent once. Inputs and outputs::
+The page runs it with ONNX Runtime Web (wasm) against the image embedding the server
+sent once. Two graphs (:func:`export_web_decoder`, see :mod:`.web_decoder`)::
 
-    embedding  (1, 256, 64, 64) float16   the encoder output, as sent over the wire
-    box        (1, 4)           float32   x0, y0, x1, y1 in model input pixels
-    logits     (1, 1, 256, 256) float32   low-resolution mask logits
-    iou        (1, 1)           float32   the decoder's predicted IoU
+    image.onnx  embedding (1, 256, 64, 64) float16 -> x0 k0 v0 q0 xk1 xv1 xq1 (float32)
+                once per image, in the browser
+    box.onnx    those + box (1, 4) float32 model pixels + rows, cols (int64 token indices)
+                -> logits (16 * len(rows) * len(cols),) float32, iou (1, 1)
+                every drag move
 
-The box scaling and the authors' postprocessing (crop to the unpadded area,
-bilinear to the image size, logit > 0) are done in JavaScript (``static/app.js``),
-exactly as :class:`engine.recipes.LiteMedSAMRecipe` does them.
+The box scaling, the token window and the authors' postprocessing (crop to the
+unpadded area, bilinear to the image size, logit > 0) are done in JavaScript
+(``static/decoder.js``), as :class:`engine.recipes.LiteMedSAMRecipe` and the engine's
+fast decoder do them.
 
-The file is exported once per weights and cached (named by a digest of the
-weights); a half-written file is never used (temp file + ``os.replace``).
+:func:`export_decoder` writes the earlier single graph (the authors' prompt encoder +
+mask decoder, embedding + box -> 256 x 256 logits): ``benchmarks/web.py`` times it
+beside the split one.
+
+Files are named by a digest of the weights; a half-written file is never used
+(``engine.atomic.atomic_write``: temp file + ``os.replace``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +35,9 @@ from torch import nn
 
 from napari_medsam.engine.atomic import atomic_write
 from napari_medsam.engine.errors import MedSAMError
+
+from . import web_decoder
+from .web_decoder import IMAGE_OUTPUTS, BoxPart, ImagePart
 
 WEB_MODELS = ("litemedsam",)
 
@@ -89,42 +100,87 @@ class _PromptDecoder(nn.Module):
         return logits, iou
 
 
-def _digest(module: nn.Module) -> str:
+def _digest(module: nn.Module, tag: str = "web-decoder-v2") -> str:
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"web-decoder-v2|{torch.__version__}".encode())
+    h.update(f"{tag}|{torch.__version__}".encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def export_decoder(model, folder: os.PathLike) -> Path:
-    """Export ``model``'s prompt encoder + mask decoder to ``folder`` (once); returns the file."""
+def _check(model) -> None:
     if model.name not in WEB_MODELS:
         raise WebDecoderError(f"the browser decoder exists for {', '.join(WEB_MODELS)}, not {model.name!r}")
-    module = model.module
-    wrapper = _PromptDecoder(module.prompt_encoder, module.mask_decoder, model._dense_pe.cpu()).cpu().eval()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{model.name}-decoder-{_digest(wrapper)}.onnx"
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs, outputs, dynamic=None) -> Path:
+    """``torch.onnx.export`` (TorchScript-based) into ``path`` once, atomically."""
     if path.exists():
         return path
-    emb = torch.zeros(1, 256, 64, 64, dtype=torch.float16)
-    box = torch.tensor([[10.0, 10.0, 100.0, 100.0]])
-    import warnings
-
-    kw = {"input_names": ["embedding", "box"], "output_names": ["logits", "iou"], "opset_version": 17}
+    kw = {"input_names": list(inputs), "output_names": list(outputs), "opset_version": 17}
+    if dynamic:
+        kw["dynamic_axes"] = dynamic
 
     def write(tmp: Path) -> None:
         try:
-            torch.onnx.export(wrapper, (emb, box), str(tmp), dynamo=False, **kw)
+            torch.onnx.export(module, args, str(tmp), dynamo=False, **kw)
         except TypeError:  # older torch without the dynamo switch
-            torch.onnx.export(wrapper, (emb, box), str(tmp), **kw)
+            torch.onnx.export(module, args, str(tmp), **kw)
 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         atomic_write(path, write)  # engine.atomic: sibling temp, fsync, replace; temp removed on failure
     return path
+
+
+def export_decoder(model, folder: os.PathLike) -> Path:
+    """The single-graph decoder (authors' order, full 256 x 256 logits) in ``folder`` (once); returns the file."""
+    _check(model)
+    module = model.module
+    wrapper = _PromptDecoder(module.prompt_encoder, module.mask_decoder, model._dense_pe.cpu()).cpu().eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model.name}-decoder-{_digest(wrapper)}.onnx"
+    emb = torch.zeros(1, 256, 64, 64, dtype=torch.float16)
+    box = torch.tensor([[10.0, 10.0, 100.0, 100.0]])
+    return _export(wrapper, (emb, box), path, ["embedding", "box"], ["logits", "iou"])
+
+
+@dataclass(frozen=True)
+class WebDecoder:
+    """The two files of the split browser decoder."""
+
+    image: Path
+    box: Path
+
+
+def export_web_decoder(model, folder: os.PathLike) -> WebDecoder:
+    """The per-image and per-box graphs of ``model``'s decoder in ``folder`` (once each)."""
+    _check(model)
+    pe = model._dense_pe.detach().cpu().float()
+    image_part = ImagePart(model.module, pe).cpu().eval()
+    box_part = BoxPart(model.module, pe).cpu().eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # the name also digests this package's graph code, so a changed graph is exported anew
+    code = hashlib.blake2b(Path(web_decoder.__file__).read_bytes(), digest_size=4).hexdigest()
+    tag = f"{model.name}-{_digest(box_part, 'web-split-' + code)}"
+    emb = torch.zeros(1, 256, *pe.shape[-2:], dtype=torch.float16)
+    image = _export(image_part, (emb,), folder / f"{tag}-image.onnx", ["embedding"], IMAGE_OUTPUTS)
+    with torch.no_grad():
+        state = image_part(torch.randn(emb.shape).to(torch.float16))
+    box = torch.tensor([[30.0, 40.0, 120.0, 150.0]])
+    rows, cols = torch.arange(5, 20), torch.arange(3, 30)
+    box_file = _export(
+        box_part,
+        (*state, box, rows, cols),
+        folder / f"{tag}-box.onnx",
+        [*IMAGE_OUTPUTS, "box", "rows", "cols"],
+        ["logits", "iou"],
+        {"rows": {0: "nr"}, "cols": {0: "nc"}, "logits": {0: "pixels"}},
+    )
+    return WebDecoder(image, box_file)
 
 
 def default_folder(output_dir: os.PathLike, cache_dir: os.PathLike | None = None) -> Path:

@@ -46,7 +46,7 @@ class Built:
     app: Any
     service: Any
     token: str | None
-    decoder: Path | None
+    decoder: Any  # decoder_onnx.WebDecoder (the two graph files) or None
 
 
 def build(
@@ -67,7 +67,7 @@ def build(
     from napari_medsam.engine.session import LabelingSession
 
     from .app import create_app
-    from .decoder_onnx import WEB_MODELS, default_folder, export_decoder
+    from .decoder_onnx import WEB_MODELS, default_folder, export_web_decoder
     from .service import WebService
 
     token = check_token(host, token)
@@ -78,7 +78,7 @@ def build(
     decoder = None
     if model_obj.name in WEB_MODELS:
         try:
-            decoder = export_decoder(model_obj, default_folder(session.output_dir, web_cache))
+            decoder = export_web_decoder(model_obj, default_folder(session.output_dir, web_cache))
         except Exception as exc:  # noqa: BLE001 - no ONNX export here: the server decodes the previews
             log.warning("browser decoder unavailable (%s): previews are decoded by the server", exc)
     service = WebService(session, model_obj, lease_s=lease_s, prefetch=prefetch)

@@ -1,6 +1,8 @@
-// napari-medsam serve: the decoder in the browser: ONNX Runtime Web (wasm) session over the
-// image embedding, the authors' postprocessing (crop, bilinear align_corners=False, logit > 0),
-// coalesced previews (one decode at a time, the newest box waits), the live stats.
+// napari-medsam serve: the decoder in the browser: two ONNX Runtime Web (wasm) sessions, the
+// per-image part (run once on each embedding) and the per-box part (every drag move, only the
+// token window around the box, as the engine's fast decoder: server/web_decoder.py), the
+// authors' postprocessing (crop, bilinear align_corners=False, logit > 0), coalesced previews
+// (one decode at a time, the newest box waits), the live stats.
 import { api, q, sliceParam, winParam } from "./api.js";
 import { draw } from "./canvas.js";
 import { $, M, S, fail, params } from "./state.js";
@@ -13,7 +15,9 @@ export async function initDecoder() {
       ort.env.wasm.wasmPaths = "/static/vendor/";
       const threads = window.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
       ort.env.wasm.numThreads = Number(params.get("threads") || threads);
-      S.ort = await ort.InferenceSession.create(S.session.decoder, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+      const opts = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
+      S.ortImage = await ort.InferenceSession.create(S.session.decoder.image, opts);
+      S.ort = await ort.InferenceSession.create(S.session.decoder.box, opts);
       M.decoder = "browser";
     } catch (e) {
       console.warn("ONNX Runtime Web unavailable, the server decodes previews:", e);
@@ -52,14 +56,17 @@ function paintMask(maskFn) {
 }
 const PREVIEW = (200 << 24) | (63 << 16) | (210 << 8) | 255; // rgba(255, 210, 63)
 
-function paintLogits(logits, size) {
+function paintLogits(logits, size, region) {
+  // region [y0, y1, x0, x1]: the image pixels the decoded window can set (the rest is FILL_LOGIT)
   const it = S.interp, { H, W, nw, rows, cols, row } = it;
+  const [y0, y1, x0, x1] = region || [0, H, 0, W];
+  const c0 = cols.i0[x0], c1 = cols.i1[x1 - 1] + 1;
   paintMask((px) => {
-    for (let y = 0; y < H; y++) {
+    for (let y = y0; y < y1; y++) {
       const a = rows.i0[y] * size, b = rows.i1[y] * size, fy = rows.f[y];
-      for (let x = 0; x < nw; x++) { const t = logits[a + x]; row[x] = t + (logits[b + x] - t) * fy; }
+      for (let x = c0; x < Math.min(c1, nw); x++) { const t = logits[a + x]; row[x] = t + (logits[b + x] - t) * fy; }
       const base = y * W;
-      for (let x = 0; x < W; x++) {
+      for (let x = x0; x < x1; x++) {
         const l = row[cols.i0[x]], v = l + (row[cols.i1[x]] - l) * cols.f[x];
         if (v > 0) px[base + x] = PREVIEW;
       }
@@ -73,12 +80,51 @@ function paintBits(bits) {
   });
 }
 
+// the token window of a box (model pixels), as engine.fast.windows.auto_window: the box grown by
+// a quarter of its size + 8 px a side; null when empty (then the whole grid is decoded)
+const FILL_LOGIT = -1e4, MARGIN = 0.25, PAD = 8;
+function autoWindow(b, e) {
+  const s = e.inputSize / e.gh, x0 = Math.min(b[0], b[2]), x1 = Math.max(b[0], b[2]);
+  const y0 = Math.min(b[1], b[3]), y1 = Math.max(b[1], b[3]);
+  const mx = (x1 - x0) * MARGIN + PAD, my = (y1 - y0) * MARGIN + PAD;
+  const ty0 = Math.max(0, Math.floor((y0 - my) / s)), ty1 = Math.min(Math.ceil(e.nh / s), Math.ceil((y1 + my) / s) + 1);
+  const tx0 = Math.max(0, Math.floor((x0 - mx) / s)), tx1 = Math.min(Math.ceil(e.nw / s), Math.ceil((x1 + mx) / s) + 1);
+  return ty1 <= ty0 || tx1 <= tx0 ? null : [ty0, ty1, tx0, tx1];
+}
+function touchesBorder(L, win, e, s, size) {
+  // a positive logit on a window edge that is not the edge of the unpadded image (windows.touches_border)
+  const [ty0, ty1, tx0, tx1] = win, y0 = ty0 * s, y1 = Math.min(ty1 * s, e.nh), x0 = tx0 * s, x1 = Math.min(tx1 * s, e.nw);
+  const rowHit = (y) => { for (let x = x0; x < x1; x++) if (L[y * size + x] > 0) return true; return false; };
+  const colHit = (x) => { for (let y = y0; y < y1; y++) if (L[y * size + x] > 0) return true; return false; };
+  return (ty0 > 0 && rowHit(y0)) || (y1 < e.nh && rowHit(y1 - 1)) || (tx0 > 0 && colHit(x0)) || (x1 < e.nw && colHit(x1 - 1));
+}
+function pixelSpan(nIn, nOut, lo, hi) {
+  // output rows outside which bilinear reads no input row in [lo, hi) (windows._pixel_span)
+  const r = nOut / nIn;
+  return [Math.max(0, Math.floor((lo - 0.5) * r - 0.5) - 1), Math.min(nOut, Math.ceil((hi + 0.5) * r - 0.5) + 1)];
+}
+const range = (a, b) => { const v = new BigInt64Array(b - a); for (let i = 0; i < v.length; i++) v[i] = BigInt(a + i); return v; };
+async function runWindow(b, win) {
+  const e = S.emb, [ty0, ty1, tx0, tx1] = win, s = e.inputSize / e.gh, size = e.inputSize, w = (tx1 - tx0) * s;
+  const out = await S.ort.run({
+    ...S.decState, box: new ort.Tensor("float32", b, [1, 4]),
+    rows: new ort.Tensor("int64", range(ty0, ty1), [ty1 - ty0]), cols: new ort.Tensor("int64", range(tx0, tx1), [tx1 - tx0]),
+  });
+  const L = S.logits || (S.logits = new Float32Array(size * size)), m = out.logits.data;
+  L.fill(FILL_LOGIT);
+  for (let r = 0; r < (ty1 - ty0) * s; r++) L.set(m.subarray(r * w, (r + 1) * w), (ty0 * s + r) * size + tx0 * s);
+  return L;
+}
 async function decodeBox(box) {
   if (M.decoder === "browser") {
-    const e = S.emb, r = e.inputSize / Math.max(e.H, e.W);
+    const e = S.emb, r = e.inputSize / Math.max(e.H, e.W), s = e.inputSize / e.gh, size = e.inputSize;
     const b = new Float32Array(box.map((v) => Math.trunc(v * r)));
-    const out = await S.ort.run({ embedding: e.tensor, box: new ort.Tensor("float32", b, [1, 4]) });
-    return { logits: out.logits.data, size: out.logits.dims[3] };
+    const full = [0, e.gh, 0, e.gw];
+    let win = autoWindow(b, e) || full, L = await runWindow(b, win);
+    if (win !== full && touchesBorder(L, win, e, s, size)) { win = full; L = await runWindow(b, win); M.stats.grown = (M.stats.grown || 0) + 1; }
+    const [ys, ye] = pixelSpan(e.nh, e.H, win[0] * s, Math.min(win[1] * s, e.nh));
+    const [xs, xe] = pixelSpan(e.nw, e.W, win[2] * s, Math.min(win[3] * s, e.nw));
+    return { logits: L, size, region: [ys, ye, xs, xe] };
   }
   const r = await api("POST", `/api/images/${S.index}/preview`, { box, z: S.z, window: S.window }, true);
   return { bits: new Uint8Array(await r.arrayBuffer()) };
@@ -99,7 +145,7 @@ async function pump() {
       M.stats.decode_ms.push(performance.now() - t0);
       if (job.id !== S.dragId || !S.drag) continue; // the drag ended meanwhile
       await new Promise((done) => requestAnimationFrame(() => {
-        if (res.logits) paintLogits(res.logits, res.size); else paintBits(res.bits);
+        if (res.logits) paintLogits(res.logits, res.size, res.region); else paintBits(res.bits);
         draw();
         const ms = performance.now() - job.t;
         M.stats.previews++; M.stats.latency_ms.push(ms);
@@ -135,6 +181,10 @@ export async function loadEmbedding(token) {
   const [H, W] = r.headers.get("X-Medsam-Original").split(",").map(Number);
   const [nh, nw] = r.headers.get("X-Medsam-Resized").split(",").map(Number);
   const shape = r.headers.get("X-Medsam-Shape").split(",").map(Number);
-  S.emb = { tensor: new ort.Tensor("float16", new Uint16Array(buf), shape), H, W, nh, nw, inputSize: Number(r.headers.get("X-Medsam-Input-Size")) };
+  // the per-image part of the decoder, once per embedding: its outputs are the box part's inputs
+  const state = await S.ortImage.run({ embedding: new ort.Tensor("float16", new Uint16Array(buf), shape) });
+  if (token !== S.token) return;
+  S.decState = state;
+  S.emb = { H, W, nh, nw, gh: shape[2], gw: shape[3], inputSize: Number(r.headers.get("X-Medsam-Input-Size")) };
   S.interp = makeInterp(H, W, nh, nw);
 }
