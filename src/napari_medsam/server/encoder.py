@@ -10,16 +10,77 @@ second request for an image is a cache hit.
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+import weakref
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any
 
+from napari_medsam.engine.errors import MedSAMError
+
 log = logging.getLogger(__name__)
+
+#: objects with a ``close()`` that joins their threads, closed at interpreter exit if still open
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+def close_at_exit(obj: Any) -> None:
+    """Close ``obj`` (``obj.close()``) at interpreter exit unless it was closed before.
+
+    A daemon thread still inside ONNX Runtime or torch when the interpreter finalizes
+    is ended from under that native code, which aborts the process ("terminate called
+    without an active exception") after everything else passed. ``atexit`` handlers run
+    while such threads still run normally, so joining them there ends the process cleanly.
+    """
+    _OPEN.add(obj)
+
+
+@atexit.register
+def _close_open() -> None:
+    for obj in list(_OPEN):
+        try:
+            obj.close()
+        except Exception as exc:  # noqa: BLE001 - exit goes on; say what did not close
+            log.warning("closing %r at exit failed: %s", obj, exc)
+
+
+class ClosedError(MedSAMError, RuntimeError):
+    """The service is shutting down."""
+
+
+class InFlight:
+    """Counts model calls in progress so that closing waits for them (no thread left inside the model)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._n = 0
+        self.closed = False
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._cv:
+            if self.closed:
+                raise ClosedError("the server is shutting down")
+            self._n += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._n -= 1
+                self._cv.notify_all()
+
+    def drain(self, timeout: float | None = 60.0) -> bool:
+        """Refuse new calls and wait for those running; False if some still run after ``timeout``."""
+        with self._cv:
+            self.closed = True
+            return self._cv.wait_for(lambda: self._n == 0, timeout)
+
 
 NOW, SOON, PREFETCH = 0, 1, 2  # priorities: someone waits / the next image / background
 
@@ -37,6 +98,7 @@ class EncoderQueue:
         self.busy_s = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        close_at_exit(self)
 
     def submit(self, key: Hashable, job: Callable[[], Any], priority: int = NOW) -> Future:
         """Queue ``job`` under ``key``; a key already queued or running shares its future (priority raised)."""
@@ -95,9 +157,14 @@ class EncoderQueue:
                 with self._cv:
                     self._jobs.pop(key, None)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Cancel what waits, let the running job finish and join the worker (up to ``timeout``)."""
         with self._cv:
             self._closed = True
             for _, fut, _ in self._jobs.values():
                 fut.cancel()
             self._cv.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the encoder worker is still running after %s s", timeout)

@@ -15,6 +15,8 @@ from typing import Any
 
 from napari_medsam.engine.errors import MedSAMError
 
+from .encoder import close_at_exit
+
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 7860
 
@@ -134,6 +136,7 @@ class ServerThread:
             uvicorn.Config(app, host=self.host, port=self.port, log_level="warning", lifespan="off")
         )
         self.thread = threading.Thread(target=self.server.run, name="medsam-web", daemon=True)
+        close_at_exit(self)  # stopped at interpreter exit if still running (see encoder.close_at_exit)
 
     @property
     def url(self) -> str:
@@ -148,9 +151,17 @@ class ServerThread:
             time.sleep(0.02)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop serving: requests in flight finish (up to ``timeout``, then uvicorn is forced out); joined."""
+        if not self.thread.is_alive():
+            return
         self.server.should_exit = True
-        self.thread.join(10)
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.server.force_exit = True
+            self.thread.join(10)
+
+    close = stop
 
 
 def serve(

@@ -23,7 +23,7 @@ from napari_medsam.engine.errors import MedSAMError
 from napari_medsam.engine.intensity import CT_PRESETS, gray_to_rgb, parse_window, resolve_modality
 from napari_medsam.engine.session import DONE, IN_PROGRESS, NOT_STARTED, SKIPPED, LabelingSession, SessionError
 
-from .encoder import NOW, PREFETCH, SOON, EncoderQueue
+from .encoder import NOW, PREFETCH, SOON, EncoderQueue, InFlight, close_at_exit
 from .locks import ImageLocks
 from .work import ImageWork
 
@@ -48,6 +48,8 @@ class WebService:
         self._images: OrderedDict[int, Any] = OrderedDict()
         self._prepared: OrderedDict[tuple[int, str | None], np.ndarray] = OrderedDict()
         self.stats = {"encodes": 0, "encode_s": 0.0, "accepts": 0, "accept_s": 0.0, "server_previews": 0}
+        self._model_calls = InFlight()  # decodes in request threads: close() waits for them
+        close_at_exit(self)
 
     # -- images -------------------------------------------------------------------
     def check_index(self, index: int) -> int:
@@ -170,7 +172,8 @@ class WebService:
     # -- decoding on the server -----------------------------------------------------
     def _mask(self, index: int, z: int | None, window: str | None, box: Sequence[float]) -> np.ndarray:
         emb = self.embedding(index, z, window)
-        return self.model.predict(emb, box).masks[0]
+        with self._model_calls():
+            return self.model.predict(emb, box).masks[0]
 
     def accept_mask(self, index: int, z: int | None, window: str | None, box: Sequence[float]) -> np.ndarray:
         """The engine's default path for an accepted box ("better masks": zoomed re-encode of small boxes)."""
@@ -179,9 +182,10 @@ class WebService:
             from napari_medsam.engine.zoom import segment_box
         except ImportError:  # an engine without the zoom strategy: the full-view decode
             segment_box = None
-        if segment_box is None or getattr(self.model, "exact", False):
-            return self.model.predict(emb, box).masks[0]
-        return segment_box(self.model, self.slice_rgb(index, z, window), box, full_embedding=emb)[0]
+        with self._model_calls():
+            if segment_box is None or getattr(self.model, "exact", False):
+                return self.model.predict(emb, box).masks[0]
+            return segment_box(self.model, self.slice_rgb(index, z, window), box, full_embedding=emb)[0]
 
     def preview_bits(self, index: int, z: int | None, window: str | None, box: Sequence[float]) -> bytes:
         """Fallback preview when the browser cannot decode: the mask, one bit per pixel, row-major."""
@@ -375,5 +379,7 @@ class WebService:
             "errors": res.errors,
         }
 
-    def close(self) -> None:
-        self.queue.close()
+    def close(self, timeout: float = 60.0) -> None:
+        """Refuse new model calls, wait for running ones and for the encoder worker (idempotent)."""
+        self._model_calls.drain(timeout)
+        self.queue.close(timeout)
