@@ -5,12 +5,14 @@
    (one move per 16.7 ms); per run: previews per second, previews per move, move -> painted
    p50/p95 (pointer event timestamp -> the preview drawn in the next animation frame) and the
    wasm decode time alone. Beside it, in the same run, ONNX Runtime (native, 1 thread) on the
-   same ONNX file: the ratio says how much is wasm and how much is this machine's load.
+   same drag boxes: the split decoder's box graph (what the page runs per move) and the single
+   graph (the authors' decoder, what the page ran before), interleaved; the ratios say how much
+   is wasm and how much the decoder's form.
 2. Server: 1, 4 and 8 simulated labelers (threads speaking HTTP to one server), each opening
    its own images (embedding fetch = one encode through the shared queue) and accepting
    boxes; time to the embedding, accept latency p50/p95, accepts per second.
 
-    python benchmarks/web.py [--runs 3] [--out /tmp/web_bench.json]
+    python benchmarks/web.py [--runs 3] [--threads 1 2] [--skip-server] [--out /tmp/web_bench.json]
 
 Prints JSON; docs/benchmarks_web.md is written by hand from it.
 """
