@@ -39,14 +39,14 @@ def pct(v, p):
     return float(v[min(len(v) - 1, int(p * len(v)))]) if v else float("nan")
 
 
-def browser_drag(url, runs, threads):
+def browser_drag(url, runs, threads, workers=None):
     from playwright.sync_api import sync_playwright
 
     out = []
     with sync_playwright() as p:
         br = p.chromium.launch(executable_path="/usr/bin/chromium")
         page = br.new_page(viewport={"width": 1400, "height": 860})
-        page.goto(f"{url}/?image=0&threads={threads}")
+        page.goto(f"{url}/?image=0&threads={threads}" + (f"&workers={workers}" if workers else ""))
         page.wait_for_function("window.medsam && window.medsam.ready", timeout=300_000)
         for r in range(runs + 1):  # the first run warms the wasm session up
             page.evaluate("window.medsam.resetStats()")
@@ -183,7 +183,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-server", action="store_true")
     ap.add_argument("--skip-browser", action="store_true")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="wasm threads settings to run")
+    ap.add_argument(
+        "--configs", nargs="+", default=["1x1", "1x2", "2x1"], help="decoder workers x wasm threads each, to run"
+    )
     a = ap.parse_args()
     import torch
 
@@ -201,9 +203,10 @@ def main():
         shutil.copy(SAMPLES / "dsb2018_nuclei.png", imgs / "dsb2018_nuclei.png")  # 512 x 512
         b = build(imgs, work / "drag-out", model_obj=model, web_cache=work / "web", prefetch=False, lease_s=2.0)
         srv = ServerThread(b.app).start()
-        for threads in a.threads:
-            runs = browser_drag(srv.url, a.runs, threads)
-            report[f"browser_threads_{threads}"] = {"runs": runs, "load": os.getloadavg()}
+        for conf in a.configs:
+            workers, threads = (int(v) for v in conf.split("x"))
+            runs = browser_drag(srv.url, a.runs, threads, workers)
+            report[f"browser_{workers}_workers_x_{threads}_threads"] = {"runs": runs, "load": os.getloadavg()}
             time.sleep(3)  # the closed page's hold on the image lapses (lease 2 s)
         rgb = b.service.slice_rgb(0, None, None)  # what the model sees of the image
         report["native_ort_1_thread"] = native_decode_ms(model, rgb, work / "web")

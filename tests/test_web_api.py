@@ -88,8 +88,7 @@ def test_page_modules_are_served_as_javascript(server):
     assert status == 200
     page = page.decode()
     assert '<script type="module" src="/static/app.js">' in page
-    assert '<script src="/static/vendor/ort.wasm.min.js" defer>' in page, "ONNX Runtime Web stays a classic script"
-    seen, todo = set(), ["app.js"]
+    seen, todo = set(), ["app.js", "worker.js"]  # worker.js: the decoder's Web Worker (a classic script)
     while todo:
         name = todo.pop()
         seen.add(name)
@@ -100,7 +99,9 @@ def test_page_modules_are_served_as_javascript(server):
         text = body.decode()
         assert len(text.splitlines()) <= 400, f"{name}: over 400 lines"
         todo += [m for m in re.findall(r'from "\./([\w-]+\.js)"', text) if m not in seen]
-    assert {"app.js", "api.js", "canvas.js", "decoder.js", "state.js"} <= seen, seen
+    assert {"app.js", "api.js", "canvas.js", "decoder.js", "state.js", "worker.js"} <= seen, seen
+    status, body, _ = call(f"{srv.url}/static/worker.js")
+    assert 'importScripts("/static/vendor/ort.wasm.min.js")' in body.decode()  # ONNX Runtime Web in the worker
 
 
 def test_embedding_is_sent_as_fp16_and_matches_the_engine(server, lite):

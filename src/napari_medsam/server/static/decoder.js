@@ -1,31 +1,55 @@
-// napari-medsam serve: the decoder in the browser: two ONNX Runtime Web (wasm) sessions, the
-// per-image part (run once on each embedding) and the per-box part (every drag move, only the
-// token window around the box, as the engine's fast decoder: server/web_decoder.py), the
-// authors' postprocessing (crop, bilinear align_corners=False, logit > 0), coalesced previews
-// (one decode at a time, the newest box waits), the live stats.
+// napari-medsam serve: the decoder in the browser: up to two Web Workers (static/worker.js), each
+// with ONNX Runtime Web (wasm) and the two graphs of server/web_decoder.py: the per-image part
+// (run once on each embedding) and the per-box part (every drag move, only the token window
+// around the box, as the engine's fast decoder). Here: the authors' postprocessing (crop, bilinear
+// align_corners=False, logit > 0) and painting, coalesced previews (each worker decodes one box at
+// a time, a move goes to a free worker at once, else it waits as the newest box; a result older
+// than the one painted is dropped), the live stats. The server decodes when the page cannot.
 import { api, q, sliceParam, winParam } from "./api.js";
 import { draw } from "./canvas.js";
 import { $, M, S, fail, params } from "./state.js";
 
+function startWorker(threads) {
+  // a decoder worker; resolves once its sessions are made
+  const w = new Worker("/static/worker.js");
+  w.busy = false; w.waits = new Map();
+  w.onmessage = (ev) => {
+    const m = ev.data, key = m.type === "logits" ? `logits:${m.seq}` : m.type === "image" ? `image:${m.token}` : m.type;
+    const f = w.waits.get(key);
+    if (f) { w.waits.delete(key); f(m); }
+  };
+  w.onerror = (ev) => { // the worker itself failed (e.g. no vendor files): the server decodes
+    ev.preventDefault();
+    for (const [k, f] of w.waits) { w.waits.delete(k); f({ ok: false, error: ev.message || "the decoder worker failed" }); }
+  };
+  w.ask = (msg, key, transfer) => new Promise((done) => { w.waits.set(key, done); w.postMessage(msg, transfer || []); });
+  return w.ask({ type: "init", image: S.session.decoder.image, box: S.session.decoder.box, threads }, "init").then((m) => {
+    if (!m.ok) { w.terminate(); throw new Error(m.error); }
+    return w;
+  });
+}
+
 export async function initDecoder() {
-  if (params.get("decoder") === "server" || !S.session.decoder || !window.ort) {
+  let label = "decoder: on the server";
+  if (params.get("decoder") === "server" || !S.session.decoder || !window.Worker || !window.WebAssembly) {
     M.decoder = "server";
   } else {
     try {
-      ort.env.wasm.wasmPaths = "/static/vendor/";
-      const threads = window.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
-      ort.env.wasm.numThreads = Number(params.get("threads") || threads);
-      const opts = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
-      S.ortImage = await ort.InferenceSession.create(S.session.decoder.image, opts);
-      S.ort = await ort.InferenceSession.create(S.session.decoder.box, opts);
+      const cores = window.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+      // two workers (a move's decode starts at once) where there are cores for them; on a 2-core
+      // machine one worker with one thread measured best (docs/benchmarks_web.md)
+      const n = Number(params.get("workers") || (cores >= 4 ? 2 : 1));
+      const threads = Number(params.get("threads") || (cores <= 2 ? 1 : Math.max(1, Math.floor(cores / n))));
+      S.workers = await Promise.all(Array.from({ length: n }, () => startWorker(threads)));
       M.decoder = "browser";
+      label = `decoder: in the browser (wasm ${n} × ${threads} thread${threads > 1 ? "s" : ""})`;
     } catch (e) {
       console.warn("ONNX Runtime Web unavailable, the server decodes previews:", e);
       M.decoder = "server";
     }
   }
   const badge = $("decoder-badge");
-  badge.textContent = M.decoder === "browser" ? `decoder: in the browser (wasm ×${ort.env.wasm.numThreads})` : "decoder: on the server";
+  badge.textContent = label;
   badge.className = "pill " + (M.decoder === "browser" ? "ok" : "warn");
 }
 
@@ -80,77 +104,53 @@ function paintBits(bits) {
   });
 }
 
-// the token window of a box (model pixels), as engine.fast.windows.auto_window: the box grown by
-// a quarter of its size + 8 px a side; null when empty (then the whole grid is decoded)
-const FILL_LOGIT = -1e4, MARGIN = 0.25, PAD = 8;
-function autoWindow(b, e) {
-  const s = e.inputSize / e.gh, x0 = Math.min(b[0], b[2]), x1 = Math.max(b[0], b[2]);
-  const y0 = Math.min(b[1], b[3]), y1 = Math.max(b[1], b[3]);
-  const mx = (x1 - x0) * MARGIN + PAD, my = (y1 - y0) * MARGIN + PAD;
-  const ty0 = Math.max(0, Math.floor((y0 - my) / s)), ty1 = Math.min(Math.ceil(e.nh / s), Math.ceil((y1 + my) / s) + 1);
-  const tx0 = Math.max(0, Math.floor((x0 - mx) / s)), tx1 = Math.min(Math.ceil(e.nw / s), Math.ceil((x1 + mx) / s) + 1);
-  return ty1 <= ty0 || tx1 <= tx0 ? null : [ty0, ty1, tx0, tx1];
-}
-function touchesBorder(L, win, e, s, size) {
-  // a positive logit on a window edge that is not the edge of the unpadded image (windows.touches_border)
-  const [ty0, ty1, tx0, tx1] = win, y0 = ty0 * s, y1 = Math.min(ty1 * s, e.nh), x0 = tx0 * s, x1 = Math.min(tx1 * s, e.nw);
-  const rowHit = (y) => { for (let x = x0; x < x1; x++) if (L[y * size + x] > 0) return true; return false; };
-  const colHit = (x) => { for (let y = y0; y < y1; y++) if (L[y * size + x] > 0) return true; return false; };
-  return (ty0 > 0 && rowHit(y0)) || (y1 < e.nh && rowHit(y1 - 1)) || (tx0 > 0 && colHit(x0)) || (x1 < e.nw && colHit(x1 - 1));
-}
-function pixelSpan(nIn, nOut, lo, hi) {
-  // output rows outside which bilinear reads no input row in [lo, hi) (windows._pixel_span)
-  const r = nOut / nIn;
-  return [Math.max(0, Math.floor((lo - 0.5) * r - 0.5) - 1), Math.min(nOut, Math.ceil((hi + 0.5) * r - 0.5) + 1)];
-}
-const range = (a, b) => { const v = new BigInt64Array(b - a); for (let i = 0; i < v.length; i++) v[i] = BigInt(a + i); return v; };
-async function runWindow(b, win) {
-  const e = S.emb, [ty0, ty1, tx0, tx1] = win, s = e.inputSize / e.gh, size = e.inputSize, w = (tx1 - tx0) * s;
-  const out = await S.ort.run({
-    ...S.decState, box: new ort.Tensor("float32", b, [1, 4]),
-    rows: new ort.Tensor("int64", range(ty0, ty1), [ty1 - ty0]), cols: new ort.Tensor("int64", range(tx0, tx1), [tx1 - tx0]),
-  });
-  const L = S.logits || (S.logits = new Float32Array(size * size)), m = out.logits.data;
-  L.fill(FILL_LOGIT);
-  for (let r = 0; r < (ty1 - ty0) * s; r++) L.set(m.subarray(r * w, (r + 1) * w), (ty0 * s + r) * size + tx0 * s);
-  return L;
-}
-async function decodeBox(box) {
-  if (M.decoder === "browser") {
-    const e = S.emb, r = e.inputSize / Math.max(e.H, e.W), s = e.inputSize / e.gh, size = e.inputSize;
-    const b = new Float32Array(box.map((v) => Math.trunc(v * r)));
-    const full = [0, e.gh, 0, e.gw];
-    let win = autoWindow(b, e) || full, L = await runWindow(b, win);
-    if (win !== full && touchesBorder(L, win, e, s, size)) { win = full; L = await runWindow(b, win); M.stats.grown = (M.stats.grown || 0) + 1; }
-    const [ys, ye] = pixelSpan(e.nh, e.H, win[0] * s, Math.min(win[1] * s, e.nh));
-    const [xs, xe] = pixelSpan(e.nw, e.W, win[2] * s, Math.min(win[3] * s, e.nw));
-    return { logits: L, size, region: [ys, ye, xs, xe] };
-  }
-  const r = await api("POST", `/api/images/${S.index}/preview`, { box, z: S.z, window: S.window }, true);
-  return { bits: new Uint8Array(await r.arrayBuffer()) };
+function paintJob(job, res) {
+  // paint a decoded box in the next animation frame, unless the drag ended or a newer one is on screen
+  return new Promise((done) => requestAnimationFrame(() => {
+    if (job.id === S.dragId && S.drag && job.seq > S.paintedSeq) {
+      S.paintedSeq = job.seq;
+      if (res.logits) paintLogits(res.logits, res.size, res.region); else paintBits(res.bits);
+      draw();
+      M.stats.previews++; M.stats.latency_ms.push(performance.now() - job.t);
+    }
+    done();
+  }));
 }
 
 export function requestPreview(box, tEvent) {
   M.stats.moves++;
   if (M.stats.handler_ms) M.stats.handler_ms.push(performance.now() - tEvent); else M.stats.handler_ms = [performance.now() - tEvent];
-  S.pending = { box, t: tEvent, id: S.dragId };
-  if (!S.inflight) pump();
+  S.pending = { box, t: tEvent, id: S.dragId, seq: ++S.seq };
+  if (M.decoder === "browser") dispatch(); else if (!S.inflight) pumpServer();
 }
-async function pump() {
+
+function dispatch() {
+  // hand the newest box to a free worker (the box in model pixels, the authors' trunc(box * 256 / max(H, W)))
+  for (const w of S.workers) {
+    if (!S.pending || !S.emb) return;
+    if (w.busy) continue;
+    const job = S.pending, e = S.emb, r = e.inputSize / Math.max(e.H, e.W);
+    S.pending = null; w.busy = true;
+    const b = new Float32Array(job.box.map((v) => Math.trunc(v * r)));
+    w.ask({ type: "decode", seq: job.seq, box: b }, `logits:${job.seq}`).then(async (res) => {
+      if (res.ok === false) throw new Error(res.error);
+      M.stats.decode_ms.push(res.ms);
+      if (res.grown) M.stats.grown = (M.stats.grown || 0) + 1;
+      await paintJob(job, res);
+    }).catch(fail).finally(() => { w.busy = false; dispatch(); showStats(); });
+  }
+}
+
+async function pumpServer() {
+  // the server decodes (no wasm): one request at a time, the newest box waits
   while (S.pending) {
     const job = S.pending; S.pending = null; S.inflight = true;
     try {
       const t0 = performance.now();
-      const res = await decodeBox(job.box);
+      const r = await api("POST", `/api/images/${S.index}/preview`, { box: job.box, z: S.z, window: S.window }, true);
+      const res = { bits: new Uint8Array(await r.arrayBuffer()) };
       M.stats.decode_ms.push(performance.now() - t0);
-      if (job.id !== S.dragId || !S.drag) continue; // the drag ended meanwhile
-      await new Promise((done) => requestAnimationFrame(() => {
-        if (res.logits) paintLogits(res.logits, res.size, res.region); else paintBits(res.bits);
-        draw();
-        const ms = performance.now() - job.t;
-        M.stats.previews++; M.stats.latency_ms.push(ms);
-        done();
-      }));
+      await paintJob(job, res);
     } catch (e) { fail(e); } finally { S.inflight = false; }
   }
   showStats();
@@ -181,10 +181,14 @@ export async function loadEmbedding(token) {
   const [H, W] = r.headers.get("X-Medsam-Original").split(",").map(Number);
   const [nh, nw] = r.headers.get("X-Medsam-Resized").split(",").map(Number);
   const shape = r.headers.get("X-Medsam-Shape").split(",").map(Number);
-  // the per-image part of the decoder, once per embedding: its outputs are the box part's inputs
-  const state = await S.ortImage.run({ embedding: new ort.Tensor("float16", new Uint16Array(buf), shape) });
+  const inputSize = Number(r.headers.get("X-Medsam-Input-Size"));
+  // the per-image part of the decoder, once per embedding in every worker: its outputs stay there
+  S.emb = null; S.pending = null;
+  await Promise.all(S.workers.map((w, i) => {
+    const copy = i === S.workers.length - 1 ? buf : buf.slice(0);
+    return w.ask({ type: "image", token, buf: copy, shape, meta: { H, W, nh, nw, gh: shape[2], gw: shape[3], inputSize } }, `image:${token}`, [copy]);
+  })).then((replies) => { for (const m of replies) if (m.ok === false) throw new Error(m.error); });
   if (token !== S.token) return;
-  S.decState = state;
-  S.emb = { H, W, nh, nw, gh: shape[2], gw: shape[3], inputSize: Number(r.headers.get("X-Medsam-Input-Size")) };
+  S.emb = { H, W, nh, nw, gh: shape[2], gw: shape[3], inputSize };
   S.interp = makeInterp(H, W, nh, nw);
 }

@@ -15,7 +15,7 @@ export const M = {
 export const S = {
   session: null, state: null, index: -1, z: null, window: null, token: 0,
   img: null, W: 0, H: 0, labels: null, labelCanvas: document.createElement("canvas"),
-  preview: document.createElement("canvas"), previewShown: false, emb: null, ort: null, ortImage: null, decState: null, logits: null,
+  preview: document.createElement("canvas"), previewShown: false, emb: null, workers: [], seq: 0, paintedSeq: 0,
   view: { s: 1, ox: 0, oy: 0 }, selected: null, drag: null, pending: null, inflight: false, dragId: 0,
   colors: new Map(), interp: null,
 };
