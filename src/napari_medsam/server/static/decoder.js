@@ -132,12 +132,14 @@ function dispatch() {
     const job = S.pending, e = S.emb, r = e.inputSize / Math.max(e.H, e.W);
     S.pending = null; w.busy = true;
     const b = new Float32Array(job.box.map((v) => Math.trunc(v * r)));
-    w.ask({ type: "decode", seq: job.seq, box: b }, `logits:${job.seq}`).then(async (res) => {
+    w.ask({ type: "decode", seq: job.seq, box: b }, `logits:${job.seq}`).then((res) => {
+      w.busy = false;
+      dispatch(); // the next box goes to the worker now, not after this one is painted
       if (res.ok === false) throw new Error(res.error);
       M.stats.decode_ms.push(res.ms);
       if (res.grown) M.stats.grown = (M.stats.grown || 0) + 1;
-      await paintJob(job, res);
-    }).catch(fail).finally(() => { w.busy = false; dispatch(); showStats(); });
+      return paintJob(job, res);
+    }).catch(fail).finally(() => { w.busy = false; showStats(); });
   }
 }
 
