@@ -46,7 +46,7 @@ from napari_medsam.engine.validate import check_volume as check_volume  # its ol
 from .boxes import chained_box, default_margin, interpolate_boxes
 from .convert import volume_to_uint8
 from .labels import paste_object
-from .propagation import DOWN, UP, BoxLike, propagate, segment_volume
+from .propagation import DOWN, UP, BoxLike, VolumeOptions, propagate, segment_volume
 from .records import PropagationResult, SliceRecord
 from .stop_rule import DEFAULT_STOP, StopRule
 
@@ -58,6 +58,7 @@ __all__ = [
     "PropagationResult",
     "SliceRecord",
     "StopRule",
+    "VolumeOptions",
     "chained_box",
     "check_volume",
     "default_margin",

@@ -6,7 +6,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 import numpy as np
 
@@ -220,42 +220,38 @@ def propagate(
     return result
 
 
+class VolumeOptions(TypedDict, total=False):
+    """The keyword options of :func:`propagate`, shared by :func:`segment_volume` and
+    ``MedSAM.segment_volume`` so the three cannot drift apart (``tests/test_volume.py``
+    checks the keys against :func:`propagate`'s signature)."""
+
+    modality: str
+    window: WindowLike
+    z_range: tuple[int, int] | None
+    key_boxes: Mapping[int, BoxLike] | None
+    stop: StopRule | None
+    margin: float | None
+    on_slice: Callable[[int, np.ndarray], None] | None
+    cancel: threading.Event | None
+    volume_u8: np.ndarray | None
+
+
 def segment_volume(
     model: Segmenter,
     volume: Any,
     box: BoxLike | None,
     slice: int | None,
     *,
-    modality: str = "auto",
-    window: WindowLike = None,
-    z_range: tuple[int, int] | None = None,
-    key_boxes: Mapping[int, BoxLike] | None = None,
-    stop: StopRule | None = None,
-    margin: float | None = None,
-    on_slice: Callable[[int, np.ndarray], None] | None = None,
-    cancel: threading.Event | None = None,
     stats: dict | None = None,
+    **options: Unpack[VolumeOptions],
 ) -> np.ndarray:
-    """(D, H, W) bool mask of one object; see :func:`propagate` for the arguments.
+    """(D, H, W) bool mask of one object; see :func:`propagate` for the arguments and defaults.
 
     ``stats``: an optional dict, updated with the encoder counters (``encoded``,
     ``n_encoded``, ``cached``), the per-slice trace, why each direction stopped,
     ``cancelled`` and ``z_extent``.
     """
-    res = propagate(
-        model,
-        volume,
-        box,
-        slice,
-        modality=modality,
-        window=window,
-        z_range=z_range,
-        key_boxes=key_boxes,
-        stop=stop,
-        margin=margin,
-        on_slice=on_slice,
-        cancel=cancel,
-    )
+    res = propagate(model, volume, box, slice, **options)
     if stats is not None:
         stats.update(res.as_stats())
     return res.mask
