@@ -438,3 +438,47 @@ def test_shared_ct_lesion(model):
     assert d >= SHARED_MIN_DICE, f"Dice {d:.3f}, stopped {stats['stopped']}, extent {stats['z_extent']}"
     assert d >= dice(ref, gt) - 0.03, "the authors' script, given the true z-range, does clearly better"
     assert len(stats["encoded"]) == len(set(stats["encoded"]))
+
+
+# -- one rule in every front-end -------------------------------------------------------
+def test_volume_options_are_propagates_keywords():
+    """segment_volume / MedSAM.segment_volume take exactly propagate's options (one list, no drift)."""
+    import inspect
+
+    from napari_medsam.engine.volume import VolumeOptions
+
+    kw = {n for n, p in inspect.signature(propagate).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(VolumeOptions.__annotations__) == kw
+    sv = inspect.signature(segment_volume).parameters
+    assert [n for n, p in sv.items() if p.kind is p.KEYWORD_ONLY] == ["stats"] and "options" in sv
+
+
+def test_batch_session_and_api_give_the_same_3d_masks(model, brain, tmp_path):
+    """The stop rule and defaults are the same in batch (with and without z_range), ImageSegmenter and the API."""
+    import csv
+
+    from napari_medsam.engine.batch import ImageSegmenter, run_batch
+    from napari_medsam.engine.io import read_image
+
+    vol, gt = brain
+    image = SAMPLES / "pyradiomics_brain1.nii.gz"
+    box = ",".join(map(str, BRAIN_BOX))
+    prompts = tmp_path / "prompts.csv"
+    with open(prompts, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["image", "box", "modality", "slice", "propagate", "z_range", "name"])
+        w.writeheader()
+        row = {"image": str(image), "box": box, "modality": "mr", "slice": BRAIN_KEY, "propagate": "true"}
+        w.writerow({**row, "z_range": "", "name": "free"})
+        w.writerow({**row, "z_range": f"{BRAIN_RANGE[0]},{BRAIN_RANGE[1]}", "name": "bounded"})
+    res = run_batch(prompts, tmp_path / "out", model=model, progress=False, log=None)
+    masks = {r.name: read_image(tmp_path / "out" / r.mask).array.astype(bool) for r in res.rows}
+    session = ImageSegmenter(model, read_image(image))
+    for name, zr in (("free", None), ("bounded", BRAIN_RANGE)):
+        api = segment_volume(model, vol, BRAIN_BOX, BRAIN_KEY, modality="mr", z_range=zr)
+        method = model.segment_volume(vol, BRAIN_BOX, BRAIN_KEY, modality="mr", z_range=zr)
+        seg = session.segment(BRAIN_BOX, "mr", None, BRAIN_KEY, True, zr)
+        assert api.any() and dice(api, gt) > 0.6
+        assert masks[name].shape == api.shape
+        assert (masks[name] == api).all(), name
+        assert (seg.mask == api).all() and (method == api).all(), name
+    assert not (masks["free"] == masks["bounded"]).all(), "the z-range changes the mask on this case"
