@@ -19,6 +19,7 @@ truth mask (``file.npz:key`` works too) and ``gt_select`` picks the object in it
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -74,6 +75,17 @@ def _parse_bool(text: str, column: str) -> bool:
     raise PromptError(f"{column} must be true or false, got {text!r}")
 
 
+def _parse_slice(text: str) -> int:
+    """A slice index cell: an integer (``12``, ``12.0``, ``1e2``); never truncated, never overflowing."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer()):  # inf / 1e400 / nan / 2.7
+        raise PromptError(f"slice must be an integer, got {text!r}")
+    return int(value)
+
+
 def _stem(path: Path) -> str:
     return strip_image_suffix(path.name)  # the session's rule too (engine.io)
 
@@ -88,15 +100,20 @@ def read_prompts(prompts_csv: PathLike) -> list[PromptRow]:
     """Parse a prompts CSV. Row problems are recorded in ``PromptRow.error``; a file that
     cannot be read or lacks the ``image`` / ``box`` columns raises :class:`BatchError`."""
     path = Path(prompts_csv).expanduser()
+    if path.is_dir():
+        raise BatchError(f"{path} is a folder, not a prompts CSV: give the CSV file's path")
     if not path.is_file():
         raise ReadError(f"prompts file {path} does not exist")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = [h.strip().lower() for h in (reader.fieldnames or [])]
+            raw = list(reader)
             records = [
-                {(k or "").strip().lower(): (v if isinstance(v, str) else "") for k, v in rec.items()} for rec in reader
+                {(k or "").strip().lower(): (v if isinstance(v, str) else "") for k, v in rec.items()} for rec in raw
             ]
+            # fields beyond the header (csv puts them under None): most often a box written without quotes
+            extra = [len(rec.get(None) or ()) for rec in raw]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise BatchError(f"cannot read prompts file {path}: {exc}") from exc
     missing = [c for c in ("image", "box") if c not in header]
@@ -109,6 +126,11 @@ def read_prompts(prompts_csv: PathLike) -> list[PromptRow]:
     seen: dict[str, int] = {}
     for i, rec in enumerate(records, start=1):
         row = _parse_row(i, rec, base, seen)
+        if row.error is not None and extra[i - 1]:
+            row.error += (
+                f" (the row has {extra[i - 1]} more fields than the header: quote a box that holds commas,"
+                ' "x0,y0,x1,y1")'
+            )
         seen.setdefault(row.name, i)
         rows.append(row)
     return rows
@@ -128,10 +150,7 @@ def _parse_row(i: int, rec: dict[str, str], base: Path, seen: dict[str, int]) ->
             raise ReadError("image is empty")
         row.box = parse_box_text(get("box"))
         if get("slice"):
-            try:
-                row.slice = int(float(get("slice")))
-            except ValueError:
-                raise PromptError(f"slice must be an integer, got {get('slice')!r}") from None
+            row.slice = _parse_slice(get("slice"))
         row.propagate = _parse_bool(get("propagate"), "propagate")
         if get("z_range"):
             row.z_range = parse_z_range(get("z_range"))
