@@ -21,6 +21,7 @@ from napari_medsam.engine.labels import (
     compact_labels,
     label_stats,
     mask_box,
+    vertices_from_box,
 )
 from napari_medsam.engine.volume import paste_object
 
@@ -53,6 +54,38 @@ def test_float32_vertices_are_the_pixel_drawn():
 def test_bad_vertices_raise(bad):
     with pytest.raises((ImageError, ValueError)):
         box_from_vertices(bad)
+
+
+@pytest.mark.parametrize(
+    ("box", "plane"),
+    [((20, 10, 60, 40), ()), ((5.5, 10, 25, 40.25), (7,)), ((3, 1, 3, 1), (2, 7)), ((0, 0, 511, 511), (0,))],
+)
+def test_vertices_from_box_is_box_from_vertices_inverted(box, plane):
+    verts = vertices_from_box(box, plane)
+    assert len(verts) == 4 and all(len(v) == len(plane) + 2 and all(type(c) is float for c in v) for v in verts)
+    assert box_from_vertices(verts) == (plane, tuple(float(v) for v in box))
+    x0, y0, x1, y1 = (float(v) for v in box)
+    assert [v[-2:] for v in verts] == [[y0, x0], [y0, x1], [y1, x1], [y1, x0]], "napari's corner order"
+
+
+def test_every_writer_of_record_boxes_uses_the_one_vertex_rule():
+    """The session's recovered boxes and the web server's boxes hold the vertices vertices_from_box gives
+    (before, each wrote its own corner list)."""
+    from napari_medsam.engine.session.records import rebuild_from_labels
+
+    lab = np.zeros((3, 40, 50), np.uint8)
+    lab[1, 5:9, 10:30] = 4
+    rec: dict = {"boxes": []}
+    assert rebuild_from_labels(rec, lab) == (0, 1)
+    (b,) = rec["boxes"]
+    assert b["box"] == [10.0, 5.0, 29.0, 8.0] and b["slice"] == 1
+    assert b["vertices"] == vertices_from_box(b["box"], (1,))
+    pytest.importorskip("fastapi")
+    from napari_medsam.server.work import box_entry
+
+    for z in (None, 3):
+        entry = box_entry(0, 2, (1, 2, 30, 40), z)
+        assert entry["vertices"] == vertices_from_box((1, 2, 30, 40), () if z is None else (z,))
 
 
 # -- compact_labels: the one dtype rule -------------------------------------------------

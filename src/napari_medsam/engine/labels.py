@@ -1,4 +1,4 @@
-"""Label maps: boxes from drawn rectangles, writing one object, undo patches, dtypes, statistics.
+"""Label maps: boxes <-> drawn rectangles, writing one object, undo patches, dtypes, statistics.
 
 Pure numpy (scipy for :func:`label_stats`); no Qt, no napari. The plugin's
 annotator, the labeling session, export and 3D propagation all go through here.
@@ -62,6 +62,18 @@ def box_from_vertices(vertices: Any) -> BoxOnPlane:
     v = np.round(v, VERTEX_DECIMALS)
     rows, cols = v[:, -2], v[:, -1]
     return BoxOnPlane(plane, (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())))
+
+
+def vertices_from_box(box: Any, plane: Any = ()) -> list[list[float]]:
+    """(x0, y0, x1, y1) -> the rectangle's four vertices ``[*plane, row, col]``, as a Shapes layer holds them.
+
+    Corners in napari's order: (y0, x0), (y0, x1), (y1, x1), (y1, x0), each prefixed by
+    the ``plane`` indices (``()`` for a 2D image, ``(z,)`` on a volume's slice).
+    :func:`box_from_vertices` gives back ``(plane, box)``.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    lead = [float(i) for i in plane]
+    return [[*lead, r, c] for r, c in ((y0, x0), (y0, x1), (y1, x1), (y1, x0))]
 
 
 def bounding_region(mask: np.ndarray, leading: tuple[int, ...] = ()) -> Region | None:
@@ -221,4 +233,5 @@ __all__ = [
     "compact_labels",
     "label_stats",
     "mask_box",
+    "vertices_from_box",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from napari_medsam.engine.errors import MedSAMError
+from napari_medsam.engine.labels import vertices_from_box
 
 HISTORY = 50
 
@@ -25,8 +26,7 @@ class EditError(MedSAMError, ValueError):
 def box_entry(order: int, label: int, box: Sequence[float], z: int | None) -> dict[str, Any]:
     """A record box: x0, y0, x1, y1 (inclusive pixels) as napari rectangle vertices too."""
     x0, y0, x1, y1 = (float(v) for v in box)
-    corners = [[y0, x0], [y0, x1], [y1, x1], [y1, x0]]
-    verts = [[float(z)] + c for c in corners] if z is not None else corners
+    verts = vertices_from_box((x0, y0, x1, y1), () if z is None else (z,))
     return {
         "order": order,
         "label": int(label),

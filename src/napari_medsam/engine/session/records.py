@@ -17,7 +17,7 @@ import numpy as np
 
 from napari_medsam.engine.cache import content_hash
 from napari_medsam.engine.intensity import parse_window
-from napari_medsam.engine.labels import box_from_vertices, label_stats  # their one home
+from napari_medsam.engine.labels import box_from_vertices, label_stats, vertices_from_box  # their one home
 from napari_medsam.engine.labels import compact_labels as compact_labels  # re-exported (session uses it)
 from napari_medsam.engine.models import checkpoints
 from napari_medsam.engine.session.inputs import SessionItem, Status
@@ -195,12 +195,12 @@ def _box_of_object(labels: np.ndarray, label: int, bbox: list[list[int]]) -> lis
     if labels.ndim == 3:
         z = (bbox[0][0] + bbox[0][1] - 1) // 2
         rows, cols = np.nonzero(labels[z] == label)
-        lead = [float(z)]
+        plane: tuple[int, ...] = (z,)
         (r0, r1), (c0, c1) = (int(rows.min()), int(rows.max())), (int(cols.min()), int(cols.max()))
     else:
-        lead = []
+        plane = ()
         (r0, r1), (c0, c1) = (bbox[0][0], bbox[0][1] - 1), (bbox[1][0], bbox[1][1] - 1)
-    return [[*lead, float(r), float(c)] for r, c in ((r0, c0), (r0, c1), (r1, c1), (r1, c0))]
+    return vertices_from_box((c0, r0, c1, r1), plane)
 
 
 def rebuild_from_labels(rec: dict[str, Any], labels: np.ndarray) -> tuple[int, int]:
