@@ -214,3 +214,36 @@ def test_next_image_is_encoded_ahead_so_its_first_mask_needs_no_encode(
     _draw(qtbot, viewer, sw, box)
     assert c.encoder.encoded == encoded, "after Next, no encode on the way to the first mask"
     assert viewer.layers[LABELS].data.any()
+
+
+def test_damaged_record_is_set_aside_and_the_user_is_told(make_napari_viewer, qtbot, samples, tmp_path):
+    """Issue 12, defect 2, in the GUI: a record of the wrong shape is moved aside, a warning names the
+    copy, the saved labels still load, and the boxes layer starts empty (nothing invented)."""
+    from napari.utils.notifications import notification_manager
+
+    from napari_medsam.engine.session import LabelingSession
+
+    src = tmp_path / "in"
+    src.mkdir()
+    names = ["busi_malignant_1.png", "isic_0014270.png"]
+    for name in names:
+        shutil.copy(samples / name, src / name)
+    out = tmp_path / "out"
+    s = LabelingSession(src, out)
+    lab = np.zeros(s.info(0).shape, np.uint8)
+    lab[40:90, 60:140] = 1
+    s.save(0, lab, {"boxes": []})
+    record = s.record_path(0)
+    bad = json.dumps({"format": "napari-medsam-record", "boxes": "8,133,439,403"})
+    record.write_text(bad)
+
+    seen = len(notification_manager.records)
+    viewer, sw = _open(make_napari_viewer, qtbot, src, out)
+    assert sw.index == 0
+    aside = [p for p in record.parent.iterdir() if p.name.startswith(record.name + ".corrupt-")]
+    assert len(aside) == 1 and aside[0].read_text() == bad, "the unreadable record is kept, byte for byte"
+    told = [str(n.message) for n in notification_manager.records[seen:]]
+    assert any(names[0] in m and aside[0].name in m for m in told), told
+    np.testing.assert_array_equal(viewer.layers[LABELS].data, lab)
+    assert len(viewer.layers[BOXES].data) == 0
+    _ready(qtbot, sw)  # the model attaches to the image as usual
