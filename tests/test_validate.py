@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,6 +305,35 @@ def test_image_and_volume_checks_agree(make, words):
         check_volume(np.stack([img, img]))
     with pytest.raises(ImageError, match=words):
         check_planes(np.stack([img, img]))
+
+
+NOT_PIXELS = {
+    "None": (None, r"given \(got None\)"),
+    "ragged rows": ([[1, 2, 3], [4, 5]], "not an array of pixels"),
+    "ragged planes": ([np.zeros((4, 4)), np.zeros((5, 4))], "not an array of pixels"),
+    "a path": ("scans/a.png", "read it first"),
+    "a Path": (Path("scans/a.png"), "read it first"),
+    "bytes": (b"\x89PNG\r\n", "read it first"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_PIXELS))
+def test_things_that_are_not_pixels_are_image_errors(case):
+    """Before: a ragged list raised numpy's own ValueError; None and paths said 'dtype object / <U11
+    is not a number type'."""
+    value, words = NOT_PIXELS[case]
+    for check in (check_image, check_volume, check_planes):
+        with pytest.raises(ImageError, match=words):
+            check(value)
+    with pytest.raises(ImageError, match=words):
+        model_input(value)
+
+
+def test_ragged_image_through_the_real_model_is_an_image_error(lite):
+    with pytest.raises(ImageError, match="not an array of pixels"):
+        lite.segment([[1, 2, 3], [4, 5]], box=(0, 0, 1, 1))
+    with pytest.raises(ImageError, match="not an array of pixels"):
+        lite.embed([np.zeros((32, 32)), np.zeros((16, 32))])
 
 
 def test_rgb_versus_volume_rule_is_the_named_constant():

@@ -13,6 +13,7 @@ numbers or lies wholly outside the image.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -52,6 +53,21 @@ def _check_numeric(arr: np.ndarray, what: str, unit: str) -> None:
         raise ImageError(f"{what} is constant (every {unit} = {arr.flat[0]}): nothing to segment")
 
 
+def _as_array(value: Any, what: str) -> np.ndarray:
+    """``value`` as an array; :class:`ImageError` for None, a path or text, and ragged nested lists."""
+    if value is None:
+        raise ImageError(f"no {what} given (got None)")
+    if isinstance(value, (str, bytes, bytearray, os.PathLike)):
+        raise ImageError(
+            f"{what} {_show(value)} is a path or text, not pixels: read it first "
+            "(napari_medsam.engine.io.read_image(path).array)"
+        )
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested lists, objects numpy cannot convert
+        raise ImageError(f"{what} is not an array of pixels ({type(value).__name__}): {exc}") from None
+
+
 def _dtype_first(arr: np.ndarray, what: str) -> None:
     # dtype problems are reported before shape problems (a bool mask of any shape says "boolean")
     if arr.dtype == bool:
@@ -66,7 +82,7 @@ def check_image(image: Any) -> tuple[np.ndarray, bool]:
     Accepts (H, W), (H, W, 1), (H, W, 3) and (H, W, 4) arrays of integer or float
     type. Raises :class:`ImageError` for anything else.
     """
-    arr = np.asarray(image)
+    arr = _as_array(image, "image")
     _dtype_first(arr, "image")
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -86,7 +102,7 @@ def check_image(image: Any) -> tuple[np.ndarray, bool]:
 
 def check_volume(volume: Any) -> tuple[np.ndarray, bool]:
     """Validate a volume; returns ((D, H, W) or (D, H, W, 3) array, is_rgb)."""
-    arr = np.asarray(volume)
+    arr = _as_array(volume, "volume")
     _dtype_first(arr, "volume")
     if arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
@@ -120,7 +136,7 @@ def check_planes(data: Any, rgb: bool = False) -> np.ndarray:
     For callers that already know the layout (a napari layer): no shape guessing,
     only the dtype, the plane size, NaN/inf and constant checks over all planes.
     """
-    arr = np.asarray(data)
+    arr = _as_array(data, "image")
     _dtype_first(arr, "image")
     spatial = arr.shape[-3:-1] if rgb else arr.shape[-2:]
     if len(spatial) < 2 or (rgb and arr.shape[-1] not in (3, 4)):
