@@ -40,6 +40,7 @@ from .options import PREVIEW_FAST, use_decoder_process
 from .prefetch import Prefetch
 from .propagation import Propagation
 from .shape_events import ShapeEvents
+from .steer_boxes import erase_removed
 
 log = logging.getLogger(__name__)
 
@@ -292,11 +293,9 @@ class BoxAnnotator:
         if self._restoring:
             return
         before = self._committed
-        now = boxes_state(self.boxes)[2]
-        ids = [int(now[i]) for i in event.data_indices if i < len(now)]
-        patches = [self._erase(i) for i in ids if i > 0]
+        patches = erase_removed(self.labels.data, boxes_state(self.boxes), event.data_indices)  # steer_boxes
         if patches:
-            self._pending_delete = Edit("delete", [p for p in patches if p], before, None)
+            self._pending_delete = Edit("delete", patches, before, None)
             self.boxes.events.data.connect(self._finish_delete)
 
     def _finish_delete(self, event) -> None:
@@ -305,13 +304,6 @@ class BoxAnnotator:
         self.boxes.events.data.disconnect(self._finish_delete)
         self._commit(self._pending_delete)
         self.labels.refresh()
-
-    def _erase(self, label_id: int) -> LabelPatch | None:
-        mask = self.labels.data == label_id
-        region = bounding_region(mask)
-        if region is None:
-            return None
-        return apply_mask(self.labels.data, region, np.zeros(mask[region].shape, bool), label_id)
 
     def delete_selected(self) -> None:
         if self.boxes is not None and self.boxes.selected_data:

@@ -32,11 +32,26 @@ class History:
         self.limit = limit
         self._undo: list[Edit] = []
         self._redo: list[Edit] = []
+        self._merge: Edit | None = None
 
     def push(self, edit: Edit) -> None:
+        merge, self._merge = self._merge, None
+        if merge is not None and self._undo and self._undo[-1] is merge:  # one step: undo restores both
+            self._undo.pop()
+            edit = Edit(edit.name, merge.patches + edit.patches, merge.boxes_before, edit.boxes_after)
         self._undo.append(edit)
         del self._undo[: -self.limit]
         self._redo.clear()
+
+    def merge_next(self, edit: Edit) -> None:
+        """The next :meth:`push` joins ``edit`` into one step, if ``edit`` is still the last one done
+        (a box edit and the re-propagation it started, :mod:`.steer_boxes`)."""
+        self._merge = edit
+
+    @property
+    def last(self) -> Edit | None:
+        """The edit an undo would take back."""
+        return self._undo[-1] if self._undo else None
 
     @property
     def can_undo(self) -> bool:

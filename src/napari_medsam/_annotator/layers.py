@@ -9,6 +9,11 @@ from napari.layers import Labels, Shapes
 
 from .constants import BOXES, LABELS, PREVIEW
 
+#: the boxes' ``kind`` feature: drawn by the user (a key slice) or shown by a propagation
+KEY, PROPAGATED = "key", "propagated"
+KEY_COLOR, PROPAGATED_COLOR = (1.0, 1.0, 0.0, 1.0), (0.0, 0.85, 1.0, 1.0)  # yellow, cyan (RGBA)
+KEY_WIDTH, PROPAGATED_WIDTH = 2, 1
+
 
 def labels_shape(viewer, image, channels=None) -> tuple[tuple[int, ...], int]:
     """(shape of the labels for ``image``, image axes before the labels' first axis); ValueError if unusable.
@@ -44,20 +49,21 @@ def reuse_layer(viewer, name: str, make):
 def make_boxes_layer(
     ndim: int, data: Sequence = (), shape_types: Sequence[str] = (), label_ids: Sequence[int] = (), **kwargs
 ) -> Shapes:
-    """The yellow rectangle layer; column ``label`` holds each box's label id (0: not accepted yet)."""
+    """The yellow rectangle layer; column ``label`` holds each box's label id (0: not accepted yet),
+    column ``kind`` whether the user drew it (``key``) or a propagation did (``propagated``, see
+    :mod:`.steer_boxes`)."""
     layer = Shapes(
         ndim=ndim,
         name=BOXES,
         edge_color="yellow",
         face_color="transparent",
         edge_width=2,
-        features={"label": np.zeros(0, np.int64)},
+        features={"label": np.zeros(0, np.int64), "kind": np.zeros(0, object)},
         **kwargs,
     )
     if len(data):
         layer.add(list(data), shape_type=list(shape_types))
-    layer.features = {"label": np.asarray(label_ids, np.int64)}
-    layer.feature_defaults = {"label": 0}
+    set_box_labels(layer, label_ids)
     return layer
 
 
@@ -71,25 +77,51 @@ def make_preview_layer(plane: tuple[int, int], **kwargs) -> Labels:
     return Labels(np.zeros(plane, np.uint8), name=PREVIEW, opacity=0.6, **kwargs)
 
 
+def box_kinds(layer: Shapes) -> np.ndarray:
+    """Each box's ``kind`` (``key`` where the layer has no such column, e.g. a session's layer)."""
+    feats = layer.features
+    if "kind" in feats and len(feats) == len(layer.data):
+        return np.array([KEY if k != PROPAGATED else PROPAGATED for k in feats["kind"]], object)
+    return np.full(len(layer.data), KEY, object)
+
+
 def boxes_state(layer: Shapes):
-    """(vertex arrays, shape types, label ids): a copy of a boxes layer's state (undo snapshots)."""
-    return [np.array(d) for d in layer.data], list(layer.shape_type), layer.features["label"].to_numpy().copy()
+    """(vertex arrays, shape types, label ids, kinds): a copy of a boxes layer's state (undo snapshots)."""
+    data = [np.array(d) for d in layer.data]
+    return data, list(layer.shape_type), layer.features["label"].to_numpy().copy(), box_kinds(layer)
 
 
 def set_boxes_state(layer: Shapes, state) -> None:
     """Put a :func:`boxes_state` back."""
-    data, types, labels = state
+    data, types, labels = state[:3]
     layer.selected_data = set()
     layer.data = []
     if data:
         layer.add(data, shape_type=types)
-    set_box_labels(layer, labels)
+    set_box_labels(layer, labels, kinds=state[3] if len(state) > 3 else None)
 
 
-def set_box_labels(layer: Shapes, labels, idx: int | None = None, label_id: int = 0) -> None:
-    """Replace the boxes' label column (optionally setting row ``idx``); new boxes default to 0 = new object."""
+def set_box_labels(layer: Shapes, labels, idx: int | None = None, label_id: int = 0, kinds=None) -> None:
+    """Replace the boxes' label column (optionally setting row ``idx``), keeping their kinds (or setting
+    ``kinds``); new boxes default to 0 = new object, drawn by the user. Propagated boxes get their style."""
     labels = np.array(labels, np.int64)
     if idx is not None:
         labels[idx] = label_id
-    layer.features = {"label": labels}
-    layer.feature_defaults = {"label": 0}
+    kinds = box_kinds(layer) if kinds is None else np.asarray(kinds, object)
+    layer.features = {"label": labels, "kind": kinds}
+    layer.feature_defaults = {"label": 0, "kind": KEY}
+    style_boxes(layer)
+
+
+def style_boxes(layer: Shapes) -> None:
+    """Key boxes yellow, propagated boxes thin and cyan (napari draws no dashed edges)."""
+    kinds = box_kinds(layer)
+    if not len(kinds):
+        return
+    propagated = kinds == PROPAGATED
+    colors = np.where(propagated[:, None], np.array(PROPAGATED_COLOR)[None], np.array(KEY_COLOR)[None])
+    if not np.array_equal(np.asarray(layer.edge_color), colors):
+        layer.edge_color = colors
+    widths = [PROPAGATED_WIDTH if p else KEY_WIDTH for p in propagated]
+    if list(layer.edge_width) != widths:
+        layer.edge_width = widths

@@ -6,7 +6,9 @@ signal, so the GUI thread does the writing); the whole run is one undo step;
 annotator only through :class:`AnnotatorPort` (it never imports the annotator),
 and it reads the volume from a snapshot taken in the GUI thread when it was
 made: switching the image or its intensity meanwhile cannot change what it
-segments, and a re-attach that replaces the labels ends its writing.
+segments, and a re-attach that replaces the labels ends its writing. When it
+ends, every slice it wrote shows its box on the boxes layer (:mod:`.steer_boxes`),
+in the same undo step.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from napari.utils.notifications import show_error
 from qtpy.QtCore import QObject, Signal
 
 from .history import LabelPatch, apply_mask, bounding_region
+from .layers import boxes_state
+from .steer_boxes import propagated_boxes, same_state, with_propagated
 from .threads import start_worker
 
 log = logging.getLogger(__name__)
@@ -33,8 +37,12 @@ class AnnotatorPort(Protocol):
 
     model: Any  # the loaded MedSAM (``segment_volume``)
     labels: Any  # the napari Labels layer
+    boxes: Any  # the napari Shapes layer of the boxes
+    history: Any  # the :class:`~.history.History`
 
     def report(self, text: str) -> None: ...
+
+    def _restore(self, state) -> None: ...  # put a boxes state back (no label erased)
 
     def commit_patches(self, name: str, patches: list[LabelPatch]) -> None: ...
 
@@ -53,10 +61,30 @@ class Propagation:
         z: the slice of the accepted box.
         label_id: the object's id in the labels.
         volume: :data:`VolumeSource` bound to the source as it was when the user asked.
+        skip: slices whose masks are not written (default: ``z``, the user's box was accepted there).
+        owned: (first, last) slices whose old propagated boxes of ``label_id`` go, also where this
+            run writes nothing (default: only the slices it writes).
+        patches: label patches already made for this run (the same undo step), e.g. cleared slices.
+        merge: an :class:`~.history.Edit` to join into this run's undo step, if still the last one.
+        name: the undo step's name.
         options: passed to ``segment_volume`` (stop rules, margins).
     """
 
-    def __init__(self, port: AnnotatorPort, box, z: int, label_id: int, volume: VolumeSource, **options):
+    def __init__(
+        self,
+        port: AnnotatorPort,
+        box,
+        z: int,
+        label_id: int,
+        volume: VolumeSource,
+        *,
+        skip=None,
+        owned: tuple[int, int] | None = None,
+        patches: list[LabelPatch] | None = None,
+        merge=None,
+        name: str = "propagate",
+        **options,
+    ):
         if label_id <= 0:
             raise ValueError("accept the box (release it) before propagating")
         self.port = port
@@ -67,7 +95,10 @@ class Propagation:
         self.options = options
         self.cancel_event = threading.Event()
         self.target = port.labels.data  # a re-attach that replaces the labels ends our writing
-        self.patches: list[LabelPatch] = []
+        self.patches: list[LabelPatch] = list(patches or [])
+        self.skip = {self.z} if skip is None else {int(k) for k in skip}
+        self.owned, self.merge, self.name = owned, merge, name
+        self.stats: dict[str, Any] = {}  # segment_volume's trace: each slice's box
         self.done = threading.Event()
         self.slices = 0
         self.error: BaseException | None = None
@@ -102,6 +133,7 @@ class Propagation:
                 window=window,
                 on_slice=lambda z, m: self._signals.slice_done.emit((z, m)),
                 cancel=self.cancel_event,
+                stats=self.stats,
                 **self.options,
             )
         except Exception as exc:  # reported in the GUI thread
@@ -115,7 +147,7 @@ class Propagation:
 
     def _paste(self, item) -> None:
         z, mask = item
-        if z == self.z or not self._writing():
+        if z in self.skip or not self._writing():
             return
         labels = self.port.labels.data
         region = bounding_region(mask | (labels[z] == self.label_id), (z,))
@@ -127,6 +159,20 @@ class Propagation:
         self.port.labels.refresh()
         self.port.report(f"propagating label {self.label_id}: slice {z} ({self.slices} done)")
 
+    def _show_boxes(self) -> bool:
+        """Each slice written gets its box (kind ``propagated``); True if the boxes changed."""
+        boxes = self.port.boxes
+        if boxes is None or boxes.ndim != 3:
+            return False
+        written = propagated_boxes(self.stats.get("slices", []), self.skip)
+        lo, hi = self.owned if self.owned is not None else (1, 0)
+        before = boxes_state(boxes)
+        after = with_propagated(before, self.label_id, written, lambda z: lo <= z <= hi)
+        if same_state(before, after):
+            return False
+        self.port._restore(after)
+        return True
+
     def _finish(self) -> None:
         self._signals.slice_done.disconnect(self._paste)
         self._signals.finished.disconnect(self._finish)
@@ -136,8 +182,11 @@ class Propagation:
         else:
             state = "cancelled" if self.cancel_event.is_set() else "done"
             self.port.report(f"propagation {state}: label {self.label_id} on {self.slices + 1} slices")
-        if self.patches and self._writing():
-            self.port.commit_patches("propagate", self.patches)
+        boxes_changed = self._writing() and self.error is None and self._show_boxes()
+        if (self.patches or boxes_changed or self.merge is not None) and self._writing():
+            if self.merge is not None:
+                self.port.history.merge_next(self.merge)
+            self.port.commit_patches(self.name, self.patches)
         self.done.set()
         callbacks, self._when_done = self._when_done, []
         for callback in callbacks:

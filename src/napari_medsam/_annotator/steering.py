@@ -10,6 +10,9 @@ The user tells propagation where the object ends and what it looks like on other
   makes the next box drawn join the object of the selected (or last) box, on any
   slice; propagating then runs between the key slices from both sides with
   interpolated boxes and beyond the outermost ones (``key_boxes``).
+- Propagated boxes: after a propagation every slice it wrote shows its box (cyan,
+  ``kind`` = ``propagated``); dragging one re-segments that slice and re-propagates
+  outward from it, away from the key slices (:mod:`.steer_boxes`), in one undo step.
 
 :class:`Steering` holds no model and no labels: it reads the boxes of a
 :class:`~.annotator.BoxAnnotator` and hands the engine's options to its
@@ -26,6 +29,9 @@ from napari.utils.notifications import show_error
 
 from napari_medsam.engine.labels import box_from_vertices
 
+from .layers import PROPAGATED, box_kinds
+from .steer_boxes import SteerBoxes
+
 log = logging.getLogger(__name__)
 
 #: napari key names of the steering actions (bound on the viewer and on the boxes layer)
@@ -38,7 +44,8 @@ HELP = (
     f"3D: '{KEY_FIRST}' / '{KEY_LAST}' set the first / last slice of the object's z-range at the slice on "
     f"screen ('{KEY_CLEAR}' clears it); propagation stays inside it. Boxes with the same label id are one "
     f"object's key slices: '{KEY_JOIN}' makes the next box you draw join the selected (or last) box's object; "
-    f"propagation ({KEY_PROPAGATE}) then runs between key slices from both sides and beyond the outermost ones"
+    f"propagation ({KEY_PROPAGATE}) then runs between key slices from both sides and beyond the outermost ones. "
+    "Each propagated slice shows its box (cyan): drag one to re-segment that slice and re-propagate outward from it"
 )
 
 
@@ -66,6 +73,7 @@ class Steering:
         self.last: int | None = None
         self._join: tuple[int, int] | None = None  # (object id, next_label to restore) for the next box
         self._overlay = False
+        self.steer_boxes = SteerBoxes(self)
         actions = {
             KEY_FIRST: self.set_first,
             KEY_LAST: self.set_last,
@@ -162,20 +170,23 @@ class Steering:
 
     # -- key slices -------------------------------------------------------------------
     def _pick(self) -> int | None:
-        """The selected box, else the last one."""
+        """The selected box, else the last one the user drew."""
         boxes = self.controller.boxes if self.controller is not None else None
         if boxes is None or not len(boxes.data):
             return None
         sel = sorted(boxes.selected_data)
-        return sel[0] if sel else len(boxes.data) - 1
+        drawn = [i for i, k in enumerate(box_kinds(boxes)) if k != PROPAGATED]
+        return sel[0] if sel else (drawn[-1] if drawn else len(boxes.data) - 1)
 
     def key_boxes(self, label_id: int) -> dict[int, tuple[float, ...]]:
-        """``{slice: box}`` of every box of object ``label_id`` (the latest box of a slice wins)."""
+        """``{slice: box}`` of every key box (not propagated) of object ``label_id`` (the latest box
+        of a slice wins)."""
         boxes = self.controller.boxes
         ids = boxes.features["label"].to_numpy()
+        kinds = box_kinds(boxes)
         out: dict[int, tuple[float, ...]] = {}
         for i, vertices in enumerate(boxes.data):
-            if int(ids[i]) == label_id and boxes.shape_type[i] == "rectangle":
+            if int(ids[i]) == label_id and boxes.shape_type[i] == "rectangle" and kinds[i] != PROPAGATED:
                 lead, box = box_from_vertices(vertices)
                 if len(lead) == 1:
                     out[int(lead[0])] = tuple(float(v) for v in box)
@@ -195,6 +206,8 @@ class Steering:
         self.report(f"next box: a key slice of label {label_id}")
 
     def _on_change(self, what: str) -> None:
+        if what == "edit" and self.depth() is not None:
+            self.steer_boxes.on_edit()
         if self._join is not None and what == "accept":  # the joining box is in: new boxes are new objects
             self.controller.next_label = self._join[1]
             self._join = None
@@ -231,4 +244,9 @@ class Steering:
             return
         keys = opts.get("key_boxes", {})
         log.debug("propagating label %d, %s, key slices %s", label_id, self.describe(), sorted(keys))
+        unselected = not c.boxes.selected_data
+        if unselected:
+            c.boxes.selected_data = {idx}  # propagate_selected starts from the selected box
         c.propagate_selected(**{**opts, **options})
+        if unselected:
+            c.boxes.selected_data = set()
