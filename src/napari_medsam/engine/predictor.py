@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Sequence
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from .cache import Embedding, EmbeddingCache, embedding_key
-from .errors import ModelError
+from .errors import ModelError, OptionTypeError
 from .intensity import WindowLike, model_input
 from .models.registry import ModelSpec, get_spec, load_weights
 from .validate import normalize_boxes
@@ -20,16 +21,63 @@ from .validate import normalize_boxes
 BoxLike = Sequence[float] | np.ndarray
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto`` -> cuda if available, else mps, else cpu."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None) -> cuda if available, else mps, else cpu; a named device is checked.
+
+    Raises :class:`ModelError` for a device torch does not know or this machine lacks,
+    :class:`OptionTypeError` for a value that is not a device name.
+    """
+    if isinstance(device, torch.device):
+        d = device
+    else:
+        if device is not None and not isinstance(device, str):
+            raise OptionTypeError(f"device must be a name such as 'cpu', 'cuda:0' or 'auto', got {device!r}")
+        dev = (device or "auto").strip().lower()
+        if dev == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            return torch.device("mps") if _mps_available() else torch.device("cpu")
+        try:
+            d = torch.device(dev)
+        except RuntimeError:
+            raise ModelError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {str(d)!r} asked for but CUDA is not available here: use cpu")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ModelError(
+            f"device {str(d)!r} is not available: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if d.type == "mps" and not _mps_available():
+        raise ModelError(f"device {str(d)!r} asked for but MPS is not available here: use cpu")
+    return d
+
+
+def check_fast(fast: Any) -> None:
+    """``MedSAM.load(fast=...)`` checked before anything is built: encoder and decoder names, option names.
+
+    Raises :class:`ModelError` (an unknown encoder or decoder) or :class:`OptionTypeError`.
+    """
+    if fast is None or fast is True or fast is False:
+        return
+    from .fast import DECODERS, ENCODERS, accelerate, fast_options
+
+    try:
+        opts = fast_options(fast)
+    except TypeError as exc:
+        raise OptionTypeError(str(exc)) from None
+    known = [k for k in inspect.signature(accelerate).parameters if k != "model"]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise OptionTypeError(f"fast={fast!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    for what, names in (("encoder", ENCODERS), ("decoder", DECODERS)):
+        value = opts.get(what) or "eager"
+        if value not in names:
+            raise ModelError(f"fast={fast!r}: {what} must be one of {names}, got {value!r}")
 
 
 def resolve_speed(exact: bool = False, fast: Any = None) -> tuple[Any, bool]:
@@ -140,13 +188,15 @@ class MedSAM:
         spec = get_spec(name)
         if weights not in ("pretrained", "random"):
             raise ModelError(f"weights must be 'pretrained' or 'random', got {weights!r}")
+        dev = pick_device(device)  # options first: a typo must not cost building the model
+        opts, exact = resolve_speed(exact, fast)
+        check_fast(opts)
         # find the weights before building: a missing file must not cost a 90 M-parameter ViT first
         path = spec.locate_checkpoint(checkpoint, allow_download) if weights == "pretrained" else None
         module = spec.build()
         if path is not None:
             load_weights(module, path, spec.name)
-        opts, exact = resolve_speed(exact, fast)
-        return cls(spec, module, pick_device(device), cache, str(path) if path else None, fast=opts, exact=exact)
+        return cls(spec, module, dev, cache, str(path) if path else None, fast=opts, exact=exact)
 
     # -- encoding ---------------------------------------------------------
     def prepare(self, image: Any, modality: str = "auto", window: WindowLike = None) -> np.ndarray:
@@ -238,7 +288,7 @@ class MedSAM:
         embedding, or with ``exact``, the box is decoded on that one view.
         """
         if (box is None) == (boxes is None):
-            raise TypeError("give exactly one of box= or boxes=")
+            raise OptionTypeError("give exactly one of box= or boxes=")
         if not isinstance(image_or_embedding, Embedding) and not self.exact and self.name == "litemedsam":
             from .zoom import segment_boxes
 

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import validate
 from .cache import Embedding, EmbeddingCache
-from .errors import BatchError, ImageError
+from .errors import BatchError, ImageError, MedSAMError
 from .intensity import WindowLike, convert, gray_to_rgb, model_input, parse_window
 from .io import ImageData
 from .models.registry import ModelSpec, get_spec
-from .predictor import MedSAM
+from .predictor import MedSAM, pick_device
 from .types import Segmenter
 from .validate import parse_box
 from .volume import segment_volume
@@ -52,22 +51,17 @@ def parse_z_range(text: Any, what: str = "z_range") -> tuple[int, int]:
 # models
 # ---------------------------------------------------------------------------
 def check_device(device: str) -> str:
-    """``device`` normalised (``auto`` kept); :class:`BatchError` when it is unknown or absent here."""
+    """``device`` normalised (``auto`` kept); :class:`BatchError` when it is unknown or absent here.
+
+    The one device rule is :func:`engine.predictor.pick_device` (a :class:`ModelError` there).
+    """
     dev = (device or "auto").strip().lower()
     if dev == "auto":
         return dev
     try:
-        d = torch.device(dev)
-    except RuntimeError:
-        raise BatchError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise BatchError(f"device {device!r} asked for but CUDA is not available here: use --device cpu")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise BatchError(
-            f"device {device!r} is not available: this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
-    if d.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise BatchError(f"device {device!r} asked for but MPS is not available here: use --device cpu")
+        pick_device(dev)
+    except MedSAMError as exc:
+        raise BatchError(str(exc)) from None
     return dev
 
 
