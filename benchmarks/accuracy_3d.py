@@ -67,6 +67,77 @@ def simulate(trace_mask, records, key, rule: StopRule, z_range=None):
     return out
 
 
+def worst_slices(mask: np.ndarray, gt: np.ndarray, n: int = 4) -> list[int]:
+    """The ``n`` slices with the most wrong voxels (false positives + false negatives), in z order."""
+    wrong = (mask ^ gt).reshape(mask.shape[0], -1).sum(axis=1)
+    return sorted(int(z) for z in np.argsort(-wrong, kind="stable")[:n] if wrong[z])
+
+
+def _edge(m: np.ndarray, width: int = 1) -> np.ndarray:
+    from scipy import ndimage
+
+    return m & ~ndimage.binary_erosion(m, iterations=width)
+
+
+def _crop(gt: np.ndarray, mask: np.ndarray, zs: list[int], shape: tuple[int, int]) -> tuple[slice, slice]:
+    """A square around the ground truth and our mask on slices ``zs`` (2.5 x their size, >= 48 px)."""
+    both = (gt[zs] | mask[zs]).any(axis=0)
+    if not both.any():
+        return slice(0, shape[0]), slice(0, shape[1])
+    rows, cols = np.flatnonzero(both.any(axis=1)), np.flatnonzero(both.any(axis=0))
+    side = max(48, round(2.5 * max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)))
+    out = []
+    for lo, hi, n in ((rows[0], rows[-1], shape[0]), (cols[0], cols[-1], shape[1])):
+        s = min(side, n)
+        a = min(max(0, (lo + hi) // 2 - s // 2), n - s)
+        out.append(slice(int(a), int(a + s)))
+    return out[0], out[1]
+
+
+def slice_figure(path: Path, u8: np.ndarray, gt: np.ndarray, mask: np.ndarray, zs: list[int], title: str) -> None:
+    """A small PNG: slices ``zs`` of the 8-bit volume side by side, cropped to a square around
+    the object, ground-truth outline in green, our mask's outline in red (yellow where they
+    coincide), 192 px high; ``title`` may hold line breaks."""
+    from PIL import Image, ImageDraw
+
+    size = 192
+    rows, cols = _crop(gt, mask, zs, u8.shape[1:3])
+    panels = []
+    for z in zs:
+        img = u8[z] if u8.ndim == 3 else u8[z].mean(axis=-1).astype(np.uint8)
+        img, g, m = img[rows, cols], gt[z][rows, cols], mask[z][rows, cols]
+        w = max(1, round(img.shape[1] * size / img.shape[0]))
+        big = np.asarray(Image.fromarray(img).resize((w, size), Image.NEAREST))
+        up = [
+            np.asarray(Image.fromarray(a.astype(np.uint8) * 255).resize((w, size), Image.NEAREST)) > 0 for a in (g, m)
+        ]
+        eg, em = (_edge(a, 2) for a in up)
+        rgb = np.repeat(big[..., None], 3, axis=-1).copy()
+        rgb[eg] = (0, 255, 0)
+        rgb[em] = (255, 0, 0)
+        rgb[eg & em] = (255, 255, 0)
+        canvas = Image.new("RGB", (max(w, 130), size + 14), (0, 0, 0))
+        canvas.paste(Image.fromarray(rgb), (0, 14))
+        ImageDraw.Draw(canvas).text((2, 1), f"z={z} gt {int(gt[z].sum())} ours {int(mask[z].sum())}", fill="white")
+        panels.append(canvas)
+    width = sum(p.width for p in panels) + 4 * (len(panels) - 1)
+    lines = title.split("\n")
+    top = 14 * len(lines)
+    out = Image.new("RGB", (max(width, 300), size + 14 + top), (0, 0, 0))
+    for i, line in enumerate(lines):
+        ImageDraw.Draw(out).text((2, 1 + 14 * i), line, fill="white")
+    x = 0
+    for p in panels:
+        out.paste(p, (x, top))
+        x += p.width + 4
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a fixed palette (greys + the outline colours) keeps the file small and the outlines exact
+    pal = Image.new("P", (1, 1))
+    greys = [round(i * 255 / 63) for i in range(64)]
+    pal.putpalette([v for g in greys for v in (g, g, g)] + [0, 255, 0, 255, 0, 0, 255, 255, 0, 255, 255, 255])
+    out.quantize(palette=pal, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
 def per_modality(rows, key):
     groups = defaultdict(list)
     for r in rows:
