@@ -73,6 +73,10 @@ def propagate(
     stop = DEFAULT_STOP if stop is None else stop
     if not isinstance(stop, StopRule):
         raise OptionTypeError(f"stop must be a StopRule, got {type(stop).__name__}")
+    if on_slice is not None and not callable(on_slice):
+        raise OptionTypeError(f"on_slice must be callable as on_slice(z, mask), got {type(on_slice).__name__}")
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise OptionTypeError(f"cancel must be a threading.Event (anything with is_set()), got {type(cancel).__name__}")
     if volume_u8 is None:
         u8, intensity, rgb = volume_to_uint8(volume, modality, window)
     else:
