@@ -228,3 +228,28 @@ def test_propagated_boxes_show_and_dragging_one_repropagates_outward(mr_viewer, 
     c.undo()
     np.testing.assert_array_equal(c.labels.data, after)
     pump(10)
+
+
+class _FakeSteering:
+    """What SteerBoxes.options reads of a Steering: the object's key boxes and the z-range."""
+
+    def __init__(self, keys, z_range=None):
+        self.keys, self.z_range = keys, z_range
+
+    def key_boxes(self, label_id):
+        return dict(self.keys)
+
+
+def test_repropagation_goes_away_from_the_key_slices():
+    from napari_medsam._annotator.steer_boxes import SteerBoxes
+
+    b = (1.0, 2.0, 3.0, 4.0)
+    above = SteerBoxes(_FakeSteering({10: b, 14: b})).options(1, 14, 30)  # edited box on 14, key on 10
+    assert above == {"z_range": (14, 29), "owned": (15, 29), "skip": {14}}
+    below = SteerBoxes(_FakeSteering({10: b, 6: b}, z_range=(3, 20))).options(1, 6, 30)
+    assert below == {"z_range": (3, 6), "owned": (3, 5), "skip": {6}}
+    between = SteerBoxes(_FakeSteering({10: b, 13: b, 20: b})).options(1, 13, 30)
+    assert between["z_range"] == (10, 20) and between["owned"] == (11, 19) and between["skip"] == {10, 13, 20}
+    assert sorted(between["key_boxes"]) == [10, 13, 20]
+    alone = SteerBoxes(_FakeSteering({13: b}, z_range=(20, 25))).options(1, 13, 30)  # range not holding it
+    assert alone == {"z_range": (0, 29), "owned": (0, 29), "skip": {13}}
