@@ -304,3 +304,54 @@ def test_sigkill_at_random_instants_keeps_every_pair_in_step(images, tmp_path):
                 assert s.load_labels(i).max() >= acked.get(i, 0), "an acknowledged save is never lost"
         assert not [w for w in s.warnings if "out of step" in w or "unusable" in w], s.warnings
     assert kills == 40 and len(acked) == len(IMAGES)
+
+
+# -- what a session is opened on ------------------------------------------------------------
+def test_a_single_image_file_is_a_session_of_one(images, tmp_path):
+    """Before: an image file as the input was read as a text list of paths (UnicodeDecodeError)."""
+    s = LabelingSession(images / IMAGES[1], tmp_path / "out")
+    assert [it.name for it in s.items] == [IMAGES[1]]
+    assert s.read(0).array.shape[:2] == s.info(0).shape[:2]
+    again = LabelingSession(None, tmp_path / "out")  # resumes from session.json
+    assert [it.name for it in again.items] == [IMAGES[1]]
+
+
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (lambda d: (d / "list.txt", b"\xff\xfe\x00 binary \x89PNG"), "cannot read the list file"),
+        (lambda d: (d / "list.csv", b"path\n\x00\n"), "cannot read the list file"),
+    ],
+)
+def test_unreadable_list_files_are_session_errors(tmp_path, make, words):
+    path, data = make(tmp_path)
+    path.write_bytes(data)
+    with pytest.raises(SessionError, match=words):
+        LabelingSession(path, tmp_path / "out")
+
+
+def test_unusable_output_folders_are_session_errors(images, tmp_path):
+    """Before: FileExistsError / NotADirectoryError / TypeError from Python, not SessionError."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(SessionError, match="output folder"):
+        LabelingSession(images, a_file)
+    with pytest.raises(SessionError, match="output folder"):
+        LabelingSession(images, a_file / "sub")
+    with pytest.raises(SessionError, match="give an output folder"):
+        LabelingSession(images, None)
+    with pytest.raises(SessionError, match="give an output folder"):
+        LabelingSession(None, None)
+    assert a_file.read_text() == "x"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_output_folder_is_a_session_error(images, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(SessionError, match="cannot write"):
+            LabelingSession(images, ro)
+    finally:
+        ro.chmod(0o700)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -21,6 +22,7 @@ from napari_medsam.engine.io import (
     TIFF_SUFFIXES,
     _suffix,
     holds_dicom,
+    is_dicom_file,
     strip_image_suffix,
 )
 
@@ -123,6 +125,30 @@ def list_images(root: Path, exclude: Sequence[Path] = ()) -> list[tuple[Path, st
 
     walk(root)
     return sorted(out, key=lambda t: t[1])
+
+
+def session_entries(source: Path, exclude: Sequence[Path] = ()) -> list[tuple[Path, str]]:
+    """What a session's input holds: a folder's images, one image file, or the images a list file names."""
+    if source.is_dir():
+        return list_images(source, exclude=exclude)
+    if _suffix(source) in IMAGE_SUFFIXES or is_dicom_file(source):
+        return [(source, source.name)]  # one image: a session of one
+    try:
+        return read_list_file(source)
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:  # binary, NUL bytes, unreadable
+        raise SessionError(f"cannot read the list file {source} (one image path per line): {exc}") from None
+
+
+def make_output_dir(path: Path) -> None:
+    """Create a session's output folder and prove a file can be written there; :class:`SessionError` if not."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        what = "create" if not path.is_dir() else "write into"
+        raise SessionError(f"cannot {what} the output folder {path}: {exc.strerror or exc}") from None
 
 
 def read_list_file(path: Path) -> list[tuple[Path, str]]:

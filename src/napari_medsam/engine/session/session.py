@@ -48,8 +48,8 @@ from .inputs import (
     Status,
     _make_items,
     as_status,
-    list_images,
-    read_list_file,
+    make_output_dir,
+    session_entries,
 )
 from .records import (
     FORMAT_VERSION,
@@ -74,7 +74,7 @@ class LabelingSession:
 
     Args:
         input: a folder of images (searched recursively; a folder of DICOM files is
-            one series) or a text/CSV file listing image paths (relative to the file).
+            one series), one image file, or a text/CSV file listing image paths (relative to it).
             May be None when ``output_dir`` holds a session (its input is reused).
         output_dir: where labels, records and ``session.json`` go. If it already holds
             a session, that session is resumed (statuses, position, labels, records).
@@ -84,6 +84,8 @@ class LabelingSession:
     """
 
     def __init__(self, input: PathLike | None, output_dir: PathLike, cache_max_bytes: int = DEFAULT_CACHE_BYTES):
+        if output_dir is None:
+            raise SessionError("give an output folder for the labels and records (or one holding a session)")
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.cache_max_bytes = int(cache_max_bytes)
         self._lock = threading.RLock()
@@ -97,15 +99,14 @@ class LabelingSession:
         self.input = Path(source).expanduser().resolve()
         if not self.input.exists():
             raise SessionError(f"input {self.input} does not exist")
-        folder = self.input.is_dir()
-        entries = list_images(self.input, exclude=[self.output_dir]) if folder else read_list_file(self.input)
+        entries = session_entries(self.input, exclude=[self.output_dir])  # a folder, one image or a list file
         if not entries:
             raise SessionError(f"{self.input}: no images found (supported: PNG, JPEG, BMP, TIFF, NIfTI, DICOM)")
         self.items = _make_items(entries)
         self._by_name = {it.name: i for i, it in enumerate(self.items)}
         self.position = 0
         self.created = now_iso()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(self.output_dir)
         store.clean_temp_files(self.output_dir, (LABELS_DIR, RECORDS_DIR, CACHE_DIR))
         for it in self.items:  # finish or undo saves a kill interrupted, before anything reads the pairs
             if done := store.settle_pair(self.output_dir / it.labels_name, self.output_dir / it.record_name):
