@@ -350,8 +350,9 @@ def check_real_runs(tr, work: Path) -> None:
             "two": propagate(model, None, None, None, key_boxes=t["keys"], volume_u8=u8).mask,
         }
         for m, real in runs.items():
-            if not (real == rule_mask(t, (DEFAULT_STOP, None, 0.0), m)).all():
-                bad.append((c, m))
+            differ = int((real != rule_mask(t, (DEFAULT_STOP, None, 0.0), m)).sum())
+            if differ:
+                bad.append((c, m, f"{differ} voxels"))
     print("real runs = simulation" if not bad else f"WARNING: simulation differs from the real run: {bad}")
 
 
