@@ -47,11 +47,16 @@ def reuse_layer(viewer, name: str, make):
 
 
 def make_boxes_layer(
-    ndim: int, data: Sequence = (), shape_types: Sequence[str] = (), label_ids: Sequence[int] = (), **kwargs
+    ndim: int,
+    data: Sequence = (),
+    shape_types: Sequence[str] = (),
+    label_ids: Sequence[int] = (),
+    kinds: Sequence[str] | None = None,
+    **kwargs,
 ) -> Shapes:
     """The yellow rectangle layer; column ``label`` holds each box's label id (0: not accepted yet),
-    column ``kind`` whether the user drew it (``key``) or a propagation did (``propagated``, see
-    :mod:`.steer_boxes`)."""
+    column ``kind`` whether the user drew it (``key``, the default) or a propagation did
+    (``propagated``, see :mod:`.steer_boxes`)."""
     layer = Shapes(
         ndim=ndim,
         name=BOXES,
@@ -63,7 +68,7 @@ def make_boxes_layer(
     )
     if len(data):
         layer.add(list(data), shape_type=list(shape_types))
-    set_box_labels(layer, label_ids)
+    set_box_labels(layer, label_ids, kinds=kinds)
     return layer
 
 
