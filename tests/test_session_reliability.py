@@ -355,3 +355,43 @@ def test_read_only_output_folder_is_a_session_error(images, tmp_path):
             LabelingSession(images, ro)
     finally:
         ro.chmod(0o700)
+
+
+BAD_SAVES = {
+    "record a list": ([1], "record must be a dict"),
+    "record a string": ("boxes", "record must be a dict"),
+    "boxes a string": ({"boxes": "1,2,3,4"}, "boxes must be a list"),
+    "a box a number": ({"boxes": [3]}, "boxes\\[0\\] is int"),
+    "a box without vertices": ({"boxes": [{"label": 1}]}, "boxes\\[0\\].vertices"),
+    "a box with a text label": ({"boxes": [{"label": "1", "vertices": [[1, 2], [3, 4]]}]}, "boxes\\[0\\].label"),
+    "an array as vertices": ({"boxes": [{"label": 1, "vertices": rect(1, 2, 3, 4)}]}, "boxes\\[0\\].vertices"),
+    "a value JSON cannot hold": ({"boxes": [], "note": object()}, "cannot be stored as JSON"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SAVES))
+def test_a_bad_save_is_a_session_error_and_writes_nothing(images, tmp_path, case):
+    """Before: TypeError / ValueError / KeyError from dict() and json.dumps. Nothing reaches the disk:
+    whatever is saved can be read back with the schema resume uses."""
+    out = tmp_path / "out"
+    s, lab, _ = _saved(images, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ".embeddings" not in p.parts}
+    record, words = BAD_SAVES[case]
+    lab2 = lab.copy()
+    lab2[0:5, 0:5] = 3
+    with pytest.raises(SessionError, match=words):
+        s.save(0, lab2, record)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ".embeddings" not in p.parts}
+    assert after == before, "a refused save writes nothing"
+
+
+def test_a_box_missing_optional_keys_is_saved_and_read_back(images, tmp_path):
+    s = LabelingSession(images, tmp_path / "out")
+    lab = np.zeros(s.info(0).shape, np.uint8)
+    lab[20:60, 30:90] = 1
+    rec = s.save(0, lab, {"boxes": [{"label": 1, "vertices": rect(20, 30, 59, 89).tolist()}]})
+    assert [o["label"] for o in rec["objects"]] == [1]
+    s2 = LabelingSession(images, tmp_path / "out")
+    assert s2.load_record(0) is not None and not s2.warnings
+    data, _, ids = s2.layer_state(0)
+    assert len(data) == 1 and list(ids) == [1]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Union
@@ -16,12 +16,13 @@ from typing import Any, Union
 import numpy as np
 
 from napari_medsam.engine.cache import content_hash
+from napari_medsam.engine.errors import SessionError
 from napari_medsam.engine.intensity import parse_window
 from napari_medsam.engine.labels import box_from_vertices, label_stats, vertices_from_box  # their one home
 from napari_medsam.engine.labels import compact_labels as compact_labels  # re-exported (session uses it)
 from napari_medsam.engine.models import checkpoints
 from napari_medsam.engine.session.inputs import SessionItem, Status
-from napari_medsam.engine.session.store import RECORD_FORMAT, ImageInfo
+from napari_medsam.engine.session.store import RECORD_FORMAT, ImageInfo, _box_problem
 
 PathLike = Union[str, "os.PathLike[str]"]
 SESSION_FORMAT = "napari-medsam-session"
@@ -70,6 +71,29 @@ def checkpoint_sha256(path: PathLike | None) -> str | None:
 # ---------------------------------------------------------------------------
 # boxes <-> records
 # ---------------------------------------------------------------------------
+def record_input(record: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``LabelingSession.save``'s ``record`` -> (its other keys, its boxes), checked before anything is written.
+
+    Raises :class:`SessionError` unless ``record`` is None or a dict whose ``boxes`` (if
+    any) meet the schema resume reads records with (``store.record_problem``), so every
+    saved box can be read back.
+    """
+    if record is None:
+        return {}, []
+    if not isinstance(record, Mapping):
+        raise SessionError(f"record must be a dict (boxes, model, intensity...), got a {type(record).__name__}")
+    rec = dict(record)
+    boxes = rec.pop("boxes", None)
+    boxes = [] if boxes is None else boxes
+    if not isinstance(boxes, list | tuple):
+        raise SessionError(f"record boxes must be a list of boxes (see boxes_from_layer), got a {type(boxes).__name__}")
+    out = [dict(b) if isinstance(b, Mapping) else b for b in boxes]
+    for i, b in enumerate(out):
+        if problem := _box_problem(i, b):
+            raise SessionError(f"record boxes cannot be saved: {problem}")
+    return rec, out
+
+
 def boxes_from_layer(data: Sequence, shape_types: Sequence[str], label_ids: Sequence[int]) -> list[dict[str, Any]]:
     """A box layer's state (vertex arrays, shape types, label ids) -> JSON-ready box prompts.
 
@@ -129,7 +153,7 @@ def build_objects(labels: np.ndarray, boxes: Sequence[dict[str, Any]]) -> list[d
     volume = np.ndim(labels) == 3
     objects = []
     for i in ids:
-        prompts = [{k: b[k] for k in ("order", "type", "slice", "box")} for b in boxes if b["label"] == i]
+        prompts = [{k: b.get(k) for k in ("order", "type", "slice", "box")} for b in boxes if b["label"] == i]
         st = stats.get(i)
         obj: dict[str, Any] = {
             "label": i,

@@ -60,6 +60,7 @@ from .records import (
     now_iso,
     package_version,
     rebuild_from_labels,
+    record_input,
 )
 from .store import ImageInfo
 
@@ -304,8 +305,7 @@ class LabelingSession:
         lab = compact_labels(labels)
         if tuple(lab.shape) != info.shape:
             raise ImageError(f"{item.name}: labels shape {lab.shape} does not match image shape {info.shape}")
-        rec_in = dict(record or {})
-        boxes = [dict(b) for b in rec_in.pop("boxes", [])]
+        rec_in, boxes = record_input(record)  # SessionError before anything is written
         with self._lock:
             old = self.load_record(index, strict=True)
             if status is None:

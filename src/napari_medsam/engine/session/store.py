@@ -16,7 +16,7 @@ import numpy as np
 import tifffile
 
 from napari_medsam.engine.cache import content_hash
-from napari_medsam.engine.errors import ReadError
+from napari_medsam.engine.errors import ReadError, SessionError
 from napari_medsam.engine.io import NIFTI_SUFFIXES, ImageData, _suffix, atomic_write_text, read_image, write_labels
 from napari_medsam.engine.session.inputs import Status
 
@@ -90,7 +90,10 @@ def write_pair(
     labels_path: Path, labels: np.ndarray, like: ImageData, record_path: Path, record: dict[str, Any]
 ) -> None:
     """Write labels and record so that :func:`settle_pair` can put them in step after a kill at any instant."""
-    text = json.dumps(record, indent=1)
+    try:
+        text = json.dumps(record, indent=1)
+    except (TypeError, ValueError) as exc:  # before any write: the pair on disk stays as it was
+        raise SessionError(f"record {record_path.name} cannot be stored as JSON: {exc}") from None
     pending = pending_path(record_path)
     atomic_write_text(pending, text)
     write_labels(labels_path, labels, like=like)
