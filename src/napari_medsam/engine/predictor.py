@@ -16,6 +16,7 @@ from .cache import Embedding, EmbeddingCache, embedding_key
 from .errors import ModelError, OptionTypeError
 from .intensity import WindowLike, model_input
 from .models.registry import ModelSpec, get_spec, load_weights
+from .precision import autocast
 from .validate import normalize_boxes
 
 BoxLike = Sequence[float] | np.ndarray
@@ -264,14 +265,17 @@ class MedSAM:
                 masks, iou = self.fast.decode(self, embedding, box_t, region)
             else:
                 feats = embedding.features.to(self.device, torch.float32)
-                sparse, dense = self.module.prompt_encoder(points=None, boxes=box_t[:, None, :], masks=None)
-                logits, iou = self.module.mask_decoder(
-                    image_embeddings=feats,
-                    image_pe=self._dense_pe,
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=False,
-                )
+                dtype = None if exact or self.fast is None else self.fast.autocast
+                with autocast(self.device, dtype):
+                    sparse, dense = self.module.prompt_encoder(points=None, boxes=box_t[:, None, :], masks=None)
+                    logits, iou = self.module.mask_decoder(
+                        image_embeddings=feats,
+                        image_pe=self._dense_pe,
+                        sparse_prompt_embeddings=sparse,
+                        dense_prompt_embeddings=dense,
+                        multimask_output=False,
+                    )
+                logits = logits.float()
                 masks = self.recipe.postprocess(logits, embedding.resized, embedding.original_size, region)
         self.last_decode_s = time.perf_counter() - t0
         return Prediction(masks.cpu().numpy(), iou[:, 0].float().cpu().numpy(), boxes)

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from napari_medsam.engine.precision import AutocastEncoder, autocast_dtype, dtype_name, resolve
+
 from .decoder import FILL_LOGIT, FusedDecoder, _ImageState
 from .encoders import (
     ENCODERS,
@@ -70,6 +72,7 @@ __all__ = [
     "_weights_digest",
     "accelerate",
     "auto_window",
+    "autocast_dtype",
     "build_encoder",
     "export_onnx",
     "fast_options",
@@ -101,6 +104,8 @@ class Accelerator:
         decoder_threads: kept for compatibility; not applied per decode (torch's thread
             count is process-wide state). A process that only decodes sets it once
             (``engine.decoder_process``).
+        autocast: the type the encoder and the (eager) decoder run in under
+            ``torch.autocast`` (:mod:`napari_medsam.engine.precision`); None: float32.
     """
 
     encoder_kind: str = "eager"
@@ -113,6 +118,7 @@ class Accelerator:
     stats: dict[str, int] = field(default_factory=lambda: {"windowed": 0, "full": 0, "grown": 0})
     key_suffix: str = ""
     fp16_embeddings: bool = False
+    autocast: torch.dtype | None = None
 
     def describe(self) -> str:
         return f"encoder={self.encoder_kind}, decoder={self.decoder_kind}, auto_region={self.auto_region}"
@@ -169,6 +175,7 @@ def accelerate(
     margin: float = GROW_MARGIN,
     fp16_cache: bool = False,
     decoder_threads: int | None = 1,
+    autocast: Any = "auto",
 ) -> Accelerator | None:
     """Attach fast paths to a loaded :class:`MedSAM` as ``model.fast`` and return them.
 
@@ -180,11 +187,27 @@ def accelerate(
         fp16_cache: this model's embeddings stored as float16 (2.1 MB instead of 4.2 MB
             each, own cache-key suffix); a cache shared with other models is not changed.
         decoder_threads: accepted for compatibility, not applied (see :class:`Accelerator`).
+        autocast: ``"auto"`` (a half type only where its measured agreement holds, i.e. today
+            float32 everywhere: :mod:`napari_medsam.engine.precision`), ``None``, or a type name (``float16``,
+            ``bfloat16``): the encoder and the eager decoder under ``torch.autocast``
+            instead of the CPU paths (on the CPU too: measurements and tests).
 
     LiteMedSAM gets all of these on the CPU. MedSAM / SAM ViT encoders get one: every
     attention layer runs as one ``scaled_dot_product_attention`` (any ``encoder`` other
     than ``None``/``eager``; see :func:`sdpa_vit`); their decoder keeps the default path.
     """
+    dtype = resolve(autocast, model.device, model.name)
+    if dtype is not None:  # accelerators (or an explicit request): autocast, the eager modules
+        model.fast = Accelerator(
+            f"autocast-{dtype_name(dtype)}",
+            f"autocast-{dtype_name(dtype)}",
+            AutocastEncoder(model.module.image_encoder, model.device, dtype),
+            None,
+            auto_region=False,
+            key_suffix=f":autocast-{dtype_name(dtype)}",
+            autocast=dtype,
+        )
+        return model.fast
     if model.name != "litemedsam":
         if encoder in (None, "eager") or not sdpa_vit(model.module.image_encoder):
             log.info("no fast path for %s with encoder=%r; it keeps the default path", model.name, encoder)
@@ -194,7 +217,7 @@ def accelerate(
         model.fast = Accelerator("sdpa", "eager", None, None, auto_region=False, key_suffix=":sdpa")
         return model.fast
     if str(model.device) != "cpu":
-        log.info("fast paths target the CPU; %s keeps the default path on %s", model.name, model.device)
+        log.info("no measured fast path for %s on %s: the default path (float32)", model.name, model.device)
         model.fast = None
         return None
     ek = encoder or "eager"
