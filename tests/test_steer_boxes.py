@@ -253,3 +253,49 @@ def test_repropagation_goes_away_from_the_key_slices():
     assert sorted(between["key_boxes"]) == [10, 13, 20]
     alone = SteerBoxes(_FakeSteering({13: b}, z_range=(20, 25))).options(1, 13, 30)  # range not holding it
     assert alone == {"z_range": (0, 29), "owned": (0, 29), "skip": {13}}
+
+
+@pytest.mark.gui
+def test_dragging_a_box_between_two_key_slices_redoes_only_its_neighbours_span(mr_viewer, qtbot):
+    """Key boxes on slices 16 and 12 (K), Shift+P; resizing the interpolated box on 14 makes it a third
+    key: only slices 13..15 are redone, every other slice keeps its labels."""
+    viewer, widget, case = mr_viewer
+    c = widget.controller
+    gt = case.ground_truth()
+
+    def draw(box):
+        n = c.stats["accepts"]
+        c.boxes.mode = "add_rectangle"
+        x0, y0, x1, y1 = box
+        drag(viewer, c.image, (y0, x0), (y1, x1), steps=8)
+        qtbot.waitUntil(lambda: c.stats["accepts"] > n, timeout=60_000)
+
+    _go(qtbot, viewer, c, case.key_slice)
+    draw(case.box)
+    _go(qtbot, viewer, c, 12)
+    _key(qtbot, viewer, Qt.Key.Key_K)
+    rows, cols = np.nonzero(gt[12])
+    draw((cols.min() - 4, rows.min() - 4, cols.max() + 4, rows.max() + 4))
+    viewer.layers.selection.active = c.boxes
+    _key(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
+    qtbot.waitUntil(lambda: _done(c, None), timeout=600_000)
+    assert sorted(_boxes(c, "key")) == [12, case.key_slice]
+    prop = _boxes(c, "propagated")
+    assert {13, 14, 15} <= set(prop), sorted(prop)
+
+    _go(qtbot, viewer, c, 14)
+    before = c.labels.data.copy()
+    old, accepts = c.propagation, c.stats["accepts"]
+    i, (bx0, by0, bx1, by1) = prop[14]
+    c.boxes.mode = "select"
+    c.boxes.selected_data = {i}
+    drag(viewer, c.image, (by1, bx1), (by1 - 0.3 * (by1 - by0), bx1 - 0.3 * (bx1 - bx0)), steps=6)
+    qtbot.waitUntil(lambda: c.stats["accepts"] > accepts, timeout=60_000)
+    qtbot.waitUntil(lambda: _done(c, old), timeout=600_000)
+    after = c.labels.data
+    changed = [z for z in range(after.shape[0]) if not np.array_equal(after[z], before[z])]
+    assert 14 in changed and set(changed) <= {13, 14, 15}, changed
+    assert set(changed) & {13, 15}, f"the slices between its neighbouring key slices are redone, got {changed}"
+    assert sorted(_boxes(c, "key")) == [12, 14, case.key_slice]
+    c.undo()
+    np.testing.assert_array_equal(c.labels.data, before)
