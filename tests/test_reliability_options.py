@@ -70,6 +70,7 @@ BAD_FAST = {
     "an unknown option": ({"bogus": 1}, OptionTypeError, "bogus"),
     "a number": (3, OptionTypeError, "fast must be"),
     "a list": (["onnx"], OptionTypeError, "fast must be"),
+    "an unknown autocast type": ({"autocast": "float8"}, ModelError, "autocast must be .*float8"),
 }
 
 

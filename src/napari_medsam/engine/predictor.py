@@ -79,6 +79,13 @@ def check_fast(fast: Any) -> None:
         value = opts.get(what) or "eager"
         if value not in names:
             raise ModelError(f"fast={fast!r}: {what} must be one of {names}, got {value!r}")
+    if "autocast" in opts:
+        from .precision import resolve
+
+        try:
+            resolve(opts["autocast"], "cpu", "litemedsam")
+        except ValueError as exc:
+            raise ModelError(f"fast={fast!r}: {exc}") from None
 
 
 def resolve_speed(exact: bool = False, fast: Any = None) -> tuple[Any, bool]:
