@@ -384,6 +384,16 @@ def test_write_labels_rejects_bad_input(tmp_path):
         write_labels(tmp_path / "x.jpg", np.zeros((4, 4), np.uint8))
 
 
+def test_write_labels_under_a_file_names_the_folder(tmp_path):
+    """Before: '[Errno 17] File exists: ...' with no word of which write or why (CLI segment -o a-file/m.tif)."""
+    (tmp_path / "a-file").write_text("x")
+    for target in (tmp_path / "a-file" / "m.tif", tmp_path / "a-file" / "sub" / "m.nii.gz"):
+        with pytest.raises(WriteError, match="cannot create its folder") as info:
+            write_labels(target, np.zeros((4, 4), np.uint8))
+        assert str(target) in str(info.value) and isinstance(info.value, OSError)
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
 # -------------------------------------------------------------------- atomic
 
 

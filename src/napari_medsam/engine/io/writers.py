@@ -36,7 +36,7 @@ def write_labels(path: PathLike, labels: np.ndarray, like: ImageData | None = No
 
     Raises:
       ImageError: labels are not integers, are negative, do not match ``like``, or do not fit PNG.
-      WriteError: the suffix is not a supported label format.
+      WriteError: the suffix is not a supported label format, or the folder cannot be created.
     """
     target = Path(path).expanduser()
     labels = np.asarray(labels)
@@ -53,6 +53,10 @@ def write_labels(path: PathLike, labels: np.ndarray, like: ImageData | None = No
         labels = compact_labels(labels)
     except ImageError as exc:
         raise ImageError(f"{target}: {exc}") from None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, permissions: say which write and why
+        raise WriteError(f"{target}: cannot create its folder {target.parent}: {exc.strerror or exc}") from None
     if suffix in TIFF_SUFFIXES:
         import tifffile
 
