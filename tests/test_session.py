@@ -400,3 +400,31 @@ def test_kill_during_saves_never_loses_an_accepted_label(shared_data, tmp_path):
             assert n in [o["label"] for o in rec["objects"]]
             assert rec["objects"][-1]["label"] >= n
     assert kills == 5 and sum(last_ack.values()) > 0
+
+
+def test_box_kinds_survive_save_and_resume(tmp_path):
+    """Which boxes a 3D propagation made (the viewer's steering) is saved and read back; old
+    records without kinds read as key boxes; a record with an unknown kind is refused before any write."""
+    from napari_medsam.engine.session import SessionError, box_kinds_of
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    vol = (np.arange(6 * 40 * 50) % 251).reshape(6, 40, 50).astype(np.uint8)
+    import tifffile
+
+    tifffile.imwrite(folder / "vol.tif", vol)
+    s = LabelingSession(folder, tmp_path / "out")
+    lab = np.zeros(vol.shape, np.uint8)
+    lab[1:5, 10:20, 10:30] = 1
+    verts = [rect(z, 10, 10, 19, 29) for z in (2, 1, 3, 4)]
+    kinds = ["key", "propagated", "propagated", "propagated"]
+    s.save(0, lab, {"boxes": boxes_from_layer(verts, ["rectangle"] * 4, [1] * 4, kinds)})
+    r = LabelingSession.open(tmp_path / "out")
+    saved = r.load_record(0)["boxes"]
+    assert box_kinds_of(saved) == kinds
+    assert box_kinds_of(boxes_from_layer(verts, ["rectangle"] * 4, [1] * 4)) == ["key"] * 4  # no kinds saved
+    before = sorted(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    bad = boxes_from_layer(verts[:1], ["rectangle"], [1], ["guessed"])
+    with pytest.raises(SessionError, match="kind"):
+        s.save(0, lab, {"boxes": bad})
+    assert sorted(p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()) == before

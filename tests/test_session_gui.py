@@ -247,3 +247,33 @@ def test_damaged_record_is_set_aside_and_the_user_is_told(make_napari_viewer, qt
     np.testing.assert_array_equal(viewer.layers[LABELS].data, lab)
     assert len(viewer.layers[BOXES].data) == 0
     _ready(qtbot, sw)  # the model attaches to the image as usual
+
+
+def test_propagated_boxes_stay_propagated_across_next_and_resume(make_napari_viewer, qtbot, samples, tmp_path):
+    """The session widget saves each box's kind (key / propagated, the viewer's 3D steering) and
+    gives it back on Previous and after a restart: a propagated box never comes back as a key box."""
+    from napari_medsam._annotator.layers import box_kinds, set_box_labels
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(samples / "pyradiomics_brain1.nii.gz", src / "a_brain.nii.gz")
+    shutil.copy(samples / "busi_malignant_1.png", src / "b_us.png")
+    out = tmp_path / "out"
+    viewer, sw = _open(make_napari_viewer, qtbot, src, out)
+    assert sw.index == 0
+    boxes = viewer.layers[BOXES]
+    z0 = int(viewer.dims.point[0])
+    for dz in (0, 1, 2):
+        boxes.add_rectangles(np.array([[z0 + dz, 40, 50], [z0 + dz, 40, 90], [z0 + dz, 80, 90], [z0 + dz, 80, 50]]))
+    kinds = ["key", "propagated", "propagated"]
+    set_box_labels(boxes, [1, 1, 1], kinds=kinds)
+    sw.save_current(force=True)
+    sw.next()
+    qtbot.waitUntil(lambda: sw.index == 1, timeout=60_000)
+    sw.previous()
+    qtbot.waitUntil(lambda: sw.index == 0, timeout=60_000)
+    assert list(box_kinds(viewer.layers[BOXES])) == kinds
+    sw.close_session()
+    viewer2, sw2 = _open(make_napari_viewer, qtbot, None, out)  # resume from the output folder alone
+    qtbot.waitUntil(lambda: BOXES in viewer2.layers and len(viewer2.layers[BOXES].data) == 3, timeout=60_000)
+    assert list(box_kinds(viewer2.layers[BOXES])) == kinds

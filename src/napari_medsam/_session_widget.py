@@ -23,11 +23,11 @@ from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from ._annotator.constants import BOXES, LABELS, PREVIEW, SETTLE_TIMEOUT_S
 from ._annotator.encoding import Source
 from ._annotator.history import History
-from ._annotator.layers import make_boxes_layer, make_labels_layer
+from ._annotator.layers import box_kinds, make_boxes_layer, make_labels_layer
 from ._annotator.saver import Saver
 from ._session_ui import STATUS_COLORS, STATUS_MARKS, SessionControls, find_main_widget, wait_without_input  # noqa: F401
 from ._widget import widget_deleted
-from .engine.session import DONE, NOT_STARTED, SKIPPED, LabelingSession, boxes_from_layer
+from .engine.session import DONE, NOT_STARTED, SKIPPED, LabelingSession, box_kinds_of, boxes_from_layer
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,8 @@ class SessionWidget(SessionControls):
         place = {"scale": self.image_layer.scale, "translate": self.image_layer.translate}
         labels_layer = self.viewer.add_layer(make_labels_layer(lab, **place))
         labels_layer.events.paint.connect(self._on_paint)
-        self.viewer.add_layer(make_boxes_layer(len(info.shape), data, types, ids, **place))
+        kinds = box_kinds_of(record.get("boxes", []))  # which boxes a propagation made (steering)
+        self.viewer.add_layer(make_boxes_layer(len(info.shape), data, types, ids, kinds=kinds, **place))
         self.index = index
         self._dirty = False
         if img.kind == "volume":
@@ -337,7 +338,8 @@ class SessionWidget(SessionControls):
         """(labels copy, record) of the image on screen, taken in the GUI thread."""
         labels = np.array(self.viewer.layers[LABELS].data, copy=True)
         boxes_layer = self.viewer.layers[BOXES]
-        boxes = boxes_from_layer(boxes_layer.data, boxes_layer.shape_type, boxes_layer.features["label"].to_numpy())
+        ids, kinds = boxes_layer.features["label"].to_numpy(), box_kinds(boxes_layer)
+        boxes = boxes_from_layer(boxes_layer.data, boxes_layer.shape_type, ids, kinds)
         record = {"boxes": boxes}
         c = self._attached()
         if c is not None:

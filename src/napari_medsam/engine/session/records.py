@@ -22,7 +22,7 @@ from napari_medsam.engine.labels import box_from_vertices, label_stats, vertices
 from napari_medsam.engine.labels import compact_labels as compact_labels  # re-exported (session uses it)
 from napari_medsam.engine.models import checkpoints
 from napari_medsam.engine.session.inputs import SessionItem, Status
-from napari_medsam.engine.session.store import RECORD_FORMAT, ImageInfo, _box_problem
+from napari_medsam.engine.session.store import BOX_KINDS, RECORD_FORMAT, ImageInfo, _box_problem
 
 PathLike = Union[str, "os.PathLike[str]"]
 SESSION_FORMAT = "napari-medsam-session"
@@ -94,27 +94,37 @@ def record_input(record: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return rec, out
 
 
-def boxes_from_layer(data: Sequence, shape_types: Sequence[str], label_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """A box layer's state (vertex arrays, shape types, label ids) -> JSON-ready box prompts.
+def boxes_from_layer(
+    data: Sequence, shape_types: Sequence[str], label_ids: Sequence[int], kinds: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """A box layer's state (vertex arrays, shape types, label ids[, kinds]) -> JSON-ready box prompts.
 
     Each prompt keeps the exact vertices, so :func:`layer_from_boxes` gives the
-    same layer state back bit for bit (float64 survives JSON exactly).
+    same layer state back bit for bit (float64 survives JSON exactly). ``kinds``
+    (:data:`BOX_KINDS`, one per box): saved as each prompt's ``kind`` (:func:`box_kinds_of`).
     """
     out = []
     for order, (verts, kind, label) in enumerate(zip(data, shape_types, label_ids, strict=False)):
         drawn = box_from_vertices(verts)
         z, box = drawn.slice, list(drawn.box)
-        out.append(
-            {
-                "order": order,
-                "label": int(label),
-                "type": str(kind),
-                "slice": z,
-                "box": box,
-                "vertices": np.asarray(verts, dtype=float).tolist(),
-            }
-        )
+        rec = {
+            "order": order,
+            "label": int(label),
+            "type": str(kind),
+            "slice": z,
+            "box": box,
+            "vertices": np.asarray(verts, dtype=float).tolist(),
+        }
+        if kinds is not None and order < len(kinds):
+            rec["kind"] = str(kinds[order])
+        out.append(rec)
     return out
+
+
+def box_kinds_of(boxes: Sequence[dict[str, Any]]) -> list[str]:
+    """Each saved box's kind in :func:`layer_from_boxes`'s order (``key`` where none was saved)."""
+    kinds = [b.get("kind", "key") for b in sorted(boxes, key=lambda b: b.get("order", 0))]
+    return [k if k in BOX_KINDS else "key" for k in kinds]
 
 
 def layer_from_boxes(boxes: Sequence[dict[str, Any]]) -> tuple[list[np.ndarray], list[str], np.ndarray]:

@@ -139,6 +139,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+#: who made a box: the user (``key``) or a 3D propagation (``propagated``; the viewer's steering)
+BOX_KINDS = ("key", "propagated")
+
+
 def _is_num(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
@@ -156,6 +160,8 @@ def _box_problem(i: int, b: Any) -> str | None:
         return f"boxes[{i}].label is not a label id (an integer >= 0)"
     if "type" in b and not isinstance(b["type"], str):
         return f"boxes[{i}].type is not a shape type name"
+    if "kind" in b and b["kind"] not in BOX_KINDS:
+        return f"boxes[{i}].kind is {b['kind']!r}, not one of {list(BOX_KINDS)}"
     if "order" in b and not _is_int(b["order"]):
         return f"boxes[{i}].order is not an integer"
     if b.get("slice") is not None and not _is_int(b["slice"]):
