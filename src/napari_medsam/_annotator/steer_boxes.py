@@ -132,12 +132,12 @@ class SteerBoxes:
         depth = self.steering.depth()
         if label_id <= 0 or z is None or depth is None:
             return False
-        kinds = _kinds(edit.boxes_after).copy()
-        kinds[i] = KEY  # the edited box is the user's now
-        set_box_labels(c.boxes, c.boxes.features["label"].to_numpy(), kinds=kinds)
-        if c.propagation is not None and not c.propagation.done.is_set():
+        if c.propagation is not None and not c.propagation.done.is_set():  # the box stays a propagated one
             c.report(f"slice {z} re-segmented; a propagation is running, so nothing was re-propagated")
             return False
+        kinds = _kinds(edit.boxes_after).copy()
+        kinds[i] = KEY  # the edited box is the user's now (committed with the re-propagation)
+        set_box_labels(c.boxes, c.boxes.features["label"].to_numpy(), kinds=kinds)
         opts = self.options(label_id, z, depth)
         clear = [s for s in range(opts["owned"][0], opts["owned"][1] + 1) if s not in opts["skip"]]
         patches = clear_slices(c.labels.data, label_id, clear)
