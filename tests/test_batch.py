@@ -162,6 +162,16 @@ def test_bad_row_value_is_a_prompt_error_and_still_a_value_error():
     assert isinstance(err, BatchError) and isinstance(err, MedSAMError) and isinstance(err, ValueError)
 
 
+def test_row_status_is_an_enum_and_the_summary_keeps_its_words(tmp_path):
+    from napari_medsam.engine.batch import RowResult, RowStatus, write_summary
+
+    ok, bad = RowResult(1, "a", "a.png", "auto"), RowResult(2, "b", "b.png", "auto")
+    bad.status = RowStatus.ERROR
+    assert ok.status is RowStatus.OK and ok.ok and not bad.ok and bad.status == "error"
+    rows = _read_summary(write_summary(tmp_path / "summary.csv", [ok, bad]))
+    assert [r["status"] for r in rows] == ["ok", "error"], "summary.csv keeps the words, not the enum's name"
+
+
 def test_read_prompts_rejects_bad_files(tmp_path):
     with pytest.raises(MedSAMError, match="does not exist"):
         read_prompts(tmp_path / "nope.csv")

@@ -19,7 +19,7 @@ from napari_medsam.engine.segment import (
 )
 
 from .prompts import PromptRow, group_rows, parse_box_text, parse_z_range, read_prompts
-from .results import SUMMARY_FIELDS, SUMMARY_NAME, BatchResult, RowResult, write_summary
+from .results import SUMMARY_FIELDS, SUMMARY_NAME, BatchResult, RowResult, RowStatus, write_summary
 from .run import check_output_dir, run_batch, run_group
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "ImageSession",
     "PromptRow",
     "RowResult",
+    "RowStatus",
     "Segmentation",
     "check_device",
     "check_output_dir",

@@ -7,6 +7,7 @@ import io as _stdio
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Union
 
@@ -32,6 +33,13 @@ SUMMARY_FIELDS = [
 ]
 
 
+class RowStatus(str, Enum):
+    """A row's outcome, the ``status`` column of ``summary.csv``."""
+
+    OK = "ok"
+    ERROR = "error"
+
+
 @dataclass
 class RowResult:
     """The outcome of one prompt row (one line of ``summary.csv``)."""
@@ -40,7 +48,7 @@ class RowResult:
     name: str
     image: str
     modality: str
-    status: str = "ok"
+    status: RowStatus = RowStatus.OK
     error: str = ""
     iou: float | None = None
     dice: float | None = None
@@ -52,7 +60,7 @@ class RowResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == RowStatus.OK  # also when set as the text "ok"
 
     def csv_row(self) -> dict[str, str]:
         def fmt(v: float | None, digits: int = 6) -> str:
@@ -62,7 +70,7 @@ class RowResult:
             "name": self.name,
             "image": self.image,
             "modality": self.modality,
-            "status": self.status,
+            "status": RowStatus(self.status).value,
             "error": self.error,
             "iou": fmt(self.iou),
             "dice": fmt(self.dice),

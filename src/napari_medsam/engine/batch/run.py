@@ -32,7 +32,7 @@ from napari_medsam.engine.segment import ImageSegmenter, check_device, load_mode
 from napari_medsam.engine.types import Segmenter
 
 from .prompts import PromptRow, group_rows, read_prompts
-from .results import SUMMARY_FIELDS, SUMMARY_NAME, BatchResult, RowResult, write_summary
+from .results import SUMMARY_FIELDS, SUMMARY_NAME, BatchResult, RowResult, RowStatus, write_summary
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -91,7 +91,7 @@ def _base_result(r: PromptRow) -> RowResult:
 
 
 def _fail(res: RowResult, exc: BaseException) -> RowResult:
-    res.status = "error"
+    res.status = RowStatus.ERROR
     msg = str(exc) if isinstance(exc, MedSAMError) else f"{type(exc).__name__}: {exc}"
     res.error = " ".join(msg.split())  # one line
     return res
