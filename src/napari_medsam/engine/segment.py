@@ -23,6 +23,7 @@ from .predictor import MedSAM, pick_device
 from .types import Segmenter
 from .validate import parse_box
 from .volume import segment_volume
+from .zoom import DEFAULT as ZOOM_DEFAULT
 from .zoom import segment_box
 
 Box = tuple[float, float, float, float]
@@ -166,6 +167,11 @@ class ImageSegmenter:
             if key not in self._u8:  # what MedSAM.embed / prepare convert the image to
                 self._u8[key] = model_input(self.image.array, "image", modality, win)
             rgb = self._u8[key]
+            if self._uses_zoom() and max(rgb.shape[:2]) > ZOOM_DEFAULT.large_side:  # a slide: crops only
+                t0 = time.perf_counter()
+                mask, info = segment_box(self.model, rgb, b)  # no full view: it would see nothing at 256 px
+                used = validate.normalize_boxes(b, rgb.shape[:2])[0]
+                return Segmentation(mask, float(np.mean(info.iou)), 0.0, time.perf_counter() - t0, used)
             emb, enc = self._embedding(key, lambda: self.model.embed_rgb(rgb))
             t0 = time.perf_counter()
             mask, iou, used = self._decode(emb, rgb, b)
@@ -191,11 +197,15 @@ class ImageSegmenter:
         mask[slice], iou, used = self._decode(emb, rgb, b)
         return Segmentation(mask, iou, enc, time.perf_counter() - t0, used)
 
+    def _uses_zoom(self) -> bool:
+        """LiteMedSAM not ``exact``: boxes are answered by :func:`engine.zoom.segment_box`."""
+        return not getattr(self.model, "exact", False) and self.model.name == "litemedsam"
+
     def _decode(self, emb: Embedding, rgb: np.ndarray, box: Box) -> tuple[np.ndarray, float, np.ndarray]:
         """(mask, predicted IoU, box as used) as ``MedSAM.segment(rgb, box=...)`` answers: LiteMedSAM
         not ``exact``: the zoom strategy (:func:`engine.zoom.segment_box`, crops encoded here, their
         time in ``decode_s``); else (``--exact``, other models) one decode on the full view."""
-        if getattr(self.model, "exact", False) or self.model.name != "litemedsam":
+        if not self._uses_zoom():
             pred = self.model.predict(emb, box)
             return pred.masks[0], float(pred.iou[0]), pred.boxes[0]
         mask, info = segment_box(self.model, rgb, box, full_embedding=emb)
