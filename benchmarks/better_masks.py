@@ -37,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("H8CACHE", Path(tempfile.gettempdir()) / "h8cache"))
 # candidate crops: (context, min_crop); the ladder makes many coincide, each distinct crop is encoded once
 CROPS = [(1.5, 64), (2.0, 64), (3.0, 64), (4.0, 64), (2.0, 128), (3.0, 128), (2.0, 256)]
+if os.environ.get("H8CROPS") == "shipped":  # only the default's three crops (a third of the encodes)
+    CROPS = CROPS[:3]
 SCALES = (0.9, 1.1)
 
 
@@ -90,17 +92,26 @@ def views_for(exact_m, fast_m, rgb, box):
 
 def collect(data: Path):
     CACHE.mkdir(parents=True, exist_ok=True)
-    store = CACHE / "views.pkl"
+    # several processes may share the work: H8KINDS (tight / loose), H8DATASETS (these, or "-" + those
+    # left out), each writing its own H8STORE; every views*.pkl counts as done and analyze merges them
+    kinds = os.environ.get("H8KINDS", "tight,loose").split(",")
+    sel = os.environ.get("H8DATASETS", "")
+    only = set(sel.lstrip("-").split(",")) if sel else set()
+    store = CACHE / os.environ.get("H8STORE", "views.pkl")
     res = pickle.loads(store.read_bytes()) if store.exists() else {}
+    done = set(res) | {k for f in CACHE.glob("views*.pkl") if f != store for k in pickle.loads(f.read_bytes())}
     exact_m = load_model(True, CACHE / "exact")
     fast_m = load_model(False, CACHE / "fast")
     t0 = time.time()
     for kind, fname in (("tight", "cases.csv"), ("loose", "cases_jitter.csv")):
+        if kind not in kinds:
+            continue
         cases = load_cases(data, dims=2, cases_file=fname)
         imgs = {}
         for i, c in enumerate(cases):
             key = (kind, c.case.replace("~jitter", ""))
-            if key in res:
+            ds = c.image.relative_to(data).parts[0]
+            if key in done or (only and (ds in only) == sel.startswith("-")):
                 continue
             if c.image not in imgs:
                 imgs = {c.image: exact_m.prepare(read_image(c.image).array)}
@@ -118,6 +129,7 @@ def collect(data: Path):
                 ref = np.load(data / "reference" / f"2D_{c.name}.npz")["segs"] > 0
                 rec["ref"] = pack(ref)
             res[key] = rec
+            done.add(key)
             if i % 10 == 0:
                 store.write_bytes(pickle.dumps(res))
                 print(f"{kind} {i}/{len(cases)} {time.time() - t0:.0f}s", flush=True)
@@ -127,20 +139,22 @@ def collect(data: Path):
 
 # ---------------------------------------------------------------- analysis
 VARIANTS = ("plain", "vote", "fill", "vote+fill")
+THREE = ("zoom1.5/64", "zoom2.0/64", "zoom3.0/64")  # the default's crops (zoom.DEFAULT.contexts)
 _F = [
     ("zoom2.0/64",),
     ("zoom1.5/64",),
     ("zoom3.0/64",),
     ("zoom2.0/128",),
-    ("zoom1.5/64", "zoom2.0/64", "zoom3.0/64"),
+    THREE,
     ("zoom1.5/64", "zoom3.0/64"),
     ("zoom2.0/64", "zoom3.0/64"),
     ("zoom2.0/64", "zoom4.0/64"),
     ("zoom2.0/64", "zoom2.0/128"),
     ("zoom2.0/128", "zoom2.0/256"),
 ]
+_F = [f for f in _F if all(v in {f"zoom{c}/{m}" for c, m in CROPS} for v in f)]
 # (crop views, with the full view, lenient: a tie counts as object)
-FUSIONS = [(v, True, lenient) for v in _F for lenient in (False, True)] + [(_F[4], False, False)]
+FUSIONS = [(v, True, lenient) for v in _F for lenient in (False, True)] + [(THREE, False, False)]
 
 
 def _variants(rec, view, shape):
@@ -160,7 +174,7 @@ def _variants(rec, view, shape):
 def tabulate(res):
     """Per record: dice of every view x variant, and the rule features (cached)."""
     store = CACHE / "table.pkl"
-    if store.exists() and store.stat().st_mtime > (CACHE / "views.pkl").stat().st_mtime:
+    if store.exists() and all(store.stat().st_mtime > f.stat().st_mtime for f in CACHE.glob("views*.pkl")):
         return pickle.loads(store.read_bytes())
     zviews = [f"zoom{c}/{m}" for c, m in CROPS]
     keys = sorted(res)
@@ -178,6 +192,7 @@ def tabulate(res):
         "exact": np.zeros(n),
         "ref": np.full(n, np.nan),
         "fuse": np.zeros((n, len(FUSIONS), 2)),
+        "fuse_distinct": np.zeros((n, 2)),
         "side256": np.zeros(n),
         "windows": [],
         "kind": [k[0] for k in keys],
@@ -211,6 +226,13 @@ def tabulate(res):
             votes = np.sum(ms, axis=0) * 2
             fz = votes >= len(ms) if lenient else votes > len(ms)
             T["fuse"][i, f] = [dice(fz, gt), dice(ndimage.binary_fill_holes(fz), gt)]
+        # the 3-crop vote with each distinct crop voting once (crops that snap to one square count once)
+        wins = {}
+        for v in THREE:
+            wins.setdefault(tuple(rec["views"][v]["window"]), zm[zviews.index(v)])
+        ms = [*wins.values(), full_m]
+        fz = np.sum(ms, axis=0) * 2 >= len(ms)
+        T["fuse_distinct"][i] = [dice(fz, gt), dice(ndimage.binary_fill_holes(fz), gt)]
         T["windows"].append({v: tuple(rec["views"][v]["window"]) for v in zviews})
     store.write_bytes(pickle.dumps(T))
     return T
@@ -229,6 +251,7 @@ def rule_grid(T):
                 d = np.where(sel, T["fuse"][:, f, x], T["full"][:, 2 * x])
                 params = {"views": members, "with_full": with_full, "lenient": lenient, "fill": fill, "min_zoom": zmin}
                 out.append(("fuse", params, d))
+    out += gated_rules(T)
     for j, v in enumerate(T["zviews"]):
         for x, xname in enumerate(VARIANTS):
             for zmin in (1.0, 1.25, 1.5, 2.0, 3.0, 4.0):
@@ -247,6 +270,41 @@ def rule_grid(T):
                                 d,
                             )
                         )
+    return out
+
+
+GATE_IOU = (None, 0.86, 0.88, 0.9, 0.92, 0.94)
+GATE_DELTA = (None, 0.0, 0.02, 0.05)
+
+
+def gated_rules(T):
+    """The 3-crop vote (with the full view, lenient, filled), but the full view alone is
+    answered when its predicted IoU is at least ``full_iou`` and beats the crops' mean
+    predicted IoU by ``iou_delta`` (a confident full view of a clear object: fundus discs).
+    ``votes``: ``context`` = one vote per context (crops that snap to one square vote as
+    often as they were wanted), ``distinct`` = one vote per distinct crop."""
+    members = THREE
+    f = FUSIONS.index((members, True, True))
+    js = [T["zviews"].index(v) for v in members]
+    crop_iou = T["iou"][:, js].mean(axis=1)
+    out = []
+    for votes, fused in (("context", T["fuse"][:, f, 1]), ("distinct", T["fuse_distinct"][:, 1])):
+        for zmin in (1.5, 2.0, 3.0, 4.0):
+            zoomed = T["z"][:, js[0]] >= zmin
+            for t in GATE_IOU:
+                for delta in GATE_DELTA:
+                    if t is None and delta is None and votes == "context":
+                        continue  # = the plain "fuse" rule
+                    keep = (
+                        np.zeros(len(crop_iou), bool) if t is None and delta is None else np.ones(len(crop_iou), bool)
+                    )
+                    if t is not None:
+                        keep &= T["iou_full"] >= t
+                    if delta is not None:
+                        keep &= T["iou_full"] - crop_iou >= delta
+                    d = np.where(zoomed & ~keep, fused, T["full"][:, 2])
+                    params = {"views": members, "with_full": True, "lenient": True, "fill": True, "min_zoom": zmin}
+                    out.append(("gated", params | {"full_iou": t, "iou_delta": delta, "votes": votes}, d))
     return out
 
 
@@ -289,7 +347,9 @@ def cross_validate(T, rules):
 
 
 def analyze(data: Path):
-    res = pickle.loads((CACHE / "views.pkl").read_bytes())
+    res = {}
+    for f in sorted(CACHE.glob("views*.pkl")):  # collected by one or several processes
+        res |= pickle.loads(f.read_bytes())
     T = tabulate(res)
     images = {c.case: str(c.image) for c in load_cases(data, dims=2)}
     rules = rule_grid(T)
@@ -305,7 +365,38 @@ def analyze(data: Path):
         report(T, held, chosen, best_all)
         print(f"encodes per box (all-data choice): {encodes_per_box(T, best_all[1], images):.2f}")
         out[family] = (held, chosen, best_all)
+    print("\n=== fixed rules (no CV), all data ===")
+    for label, pick in FIXED.items():
+        hits = [r for r in rules if r[0] == pick[0] and all(r[1].get(k) == v for k, v in pick[1].items())]
+        if hits:
+            print(f"--- {label}: {hits[0][0]} {hits[0][1]}")
+            report_fixed(T, hits[0][2])
     return T, out
+
+
+# the shipped defaults before / after this round, looked up in the grid by their parameters
+FIXED = {
+    "min_zoom 3, no gate (previous default)": (
+        "fuse",
+        {"views": THREE, "lenient": True, "fill": True, "min_zoom": 3.0},
+    ),
+    "min_zoom 2, full_iou 0.9": ("gated", {"min_zoom": 2.0, "full_iou": 0.9, "iou_delta": None, "votes": "context"}),
+    "min_zoom 3, full_iou 0.9": ("gated", {"min_zoom": 3.0, "full_iou": 0.9, "iou_delta": None, "votes": "context"}),
+    "min_zoom 3, distinct votes": (
+        "gated",
+        {"min_zoom": 3.0, "full_iou": None, "iou_delta": None, "votes": "distinct"},
+    ),
+}
+
+
+def report_fixed(T, d):
+    mods, kinds = np.array(T["modality"]), np.array(T["kind"])
+    for mod in sorted(set(mods)) + ["all"]:
+        row = []
+        for kind in ("tight", "loose"):
+            m = (kinds == kind) & ((mods == mod) if mod != "all" else True)
+            row += [T["exact"][m].mean(), d[m].mean()]
+        print(f"  {mod:14s} tight {row[0]:.3f} -> {row[1]:.3f}   loose {row[2]:.3f} -> {row[3]:.3f}")
 
 
 def report(T, held, chosen, best_all):
@@ -327,12 +418,18 @@ def report(T, held, chosen, best_all):
         print(f"{mod:14s} {n:3d} {ta:10.3f} {tc:9.3f} {la:10.3f} {lc:9.3f} {lb:14.3f}")
 
 
-def run_default(data: Path, settings: zoom.ZoomSettings = zoom.DEFAULT):
-    """The implemented default (engine/zoom.py) end to end on every case: Dice, encodes, time."""
+def run_default(data: Path, settings: zoom.ZoomSettings = zoom.DEFAULT, tag: str = ""):
+    """The implemented default (engine/zoom.py) end to end on every case: Dice, crops, time.
+
+    Cases run in file order, one image's boxes after another, as an annotator would; the
+    record of crops already encoded (crop sharing) starts empty for the tight and for the
+    loose boxes. Crop encodes per box = distinct crops per image / boxes (the embedding
+    cache holds each crop once; the run itself reads them from the disk cache)."""
     fast_m = load_model(False, CACHE / "fast")
     exact_m = load_model(True, CACHE / "exact")
     rows = []
     for kind, fname in (("tight", "cases.csv"), ("loose", "cases_jitter.csv")):
+        fast_m._zoom_windows = None  # type: ignore[attr-defined]
         rgb, full, img = None, None, None
         for c in load_cases(data, dims=2, cases_file=fname):
             if c.image != img:
@@ -343,19 +440,12 @@ def run_default(data: Path, settings: zoom.ZoomSettings = zoom.DEFAULT):
             mask, info = zoom.segment_box(fast_m, rgb, c.box, full_embedding=full, settings=settings)
             dt = time.perf_counter() - t0
             ex = exact_m.predict(exact_m.embed_rgb(rgb), c.box).masks[0]
+            ds = c.image.relative_to(data).parts[0]
             rows.append(
-                (
-                    kind,
-                    c.modality,
-                    c.image.relative_to(data).parts[0],
-                    dice(ex, gt),
-                    dice(mask, gt),
-                    info.path,
-                    dt,
-                    c.case,
-                )
+                (kind, c.modality, ds, dice(ex, gt), dice(mask, gt), info.path, dt, c.case, info.crops, str(c.image))
             )
-    (CACHE / "default_rows.pkl").write_bytes(pickle.dumps(rows))
+    (CACHE / f"default_rows{tag}.pkl").write_bytes(pickle.dumps(rows))
+    print(f"{settings}")
     print(f"{'modality':14s} {'n':>3s} {'tight auth':>10s} {'tight ours':>10s} {'loose auth':>10s} {'loose ours':>10s}")
     mods = sorted({r[1] for r in rows})
     for mod in mods + ["all"]:
@@ -364,7 +454,61 @@ def run_default(data: Path, settings: zoom.ZoomSettings = zoom.DEFAULT):
             sel = [r for r in rows if r[0] == kind and (mod == "all" or r[1] == mod)]
             vals += [len(sel), np.mean([r[3] for r in sel]), np.mean([r[4] for r in sel])]
         print(f"{mod:14s} {vals[0]:3d} {vals[1]:10.3f} {vals[2]:10.3f} {vals[4]:10.3f} {vals[5]:10.3f}")
+    print(f"{'dataset':28s} {'kind':5s} {'boxes':>5s} {'zoomed':>6s} {'crops':>5s} {'per box':>7s}")
+    for kind in ("tight", "loose"):
+        for ds in sorted({r[2] for r in rows}):
+            sel = [r for r in rows if r[0] == kind and r[2] == ds]
+            crops = {(r[9], w) for r in sel for w in r[8]}
+            zoomed = sum(r[5] != "full" for r in sel)
+            print(f"{ds:28s} {kind:5s} {len(sel):5d} {zoomed:6d} {len(crops):5d} {len(crops) / len(sel):7.2f}")
     return rows
+
+
+def session_cost(n=25):
+    """Crop encodes per accepted box in an annotator's session: the ``n`` labelled nuclei nearest the
+    centre of the bundled nuclei sample, accepted in reading order (benchmarks/latency.py's boxes),
+    with and without crop sharing; Dice vs the sample's labels. Encodes = distinct crops the session
+    used (what a fresh cache pays); crops are encoded once for all variants."""
+    import dataclasses
+
+    from latency import SAMPLES, _neighbour_nuclei
+
+    model = MedSAM.load("litemedsam", device="cpu", cache=EmbeddingCache(max_bytes=2 << 30))
+    img = read_image(SAMPLES / "dsb2018_nuclei.png").array
+    lab = read_image(SAMPLES / "dsb2018_nuclei_labels.png").array
+    lab = lab if lab.ndim == 2 else lab[..., 0]
+    rgb = model.prepare(img)
+    full = model.embed_rgb(rgb)
+    boxes = _neighbour_nuclei(n)
+    gts = []
+    for x0, y0, x1, y1 in boxes:  # the nucleus a box was made from: the commonest label inside it
+        inside = lab[y0 : y1 + 1, x0 : x1 + 1].ravel()
+        gts.append(lab == np.bincount(inside[inside > 0]).argmax())
+    variants = {}
+    for gate in dict.fromkeys((zoom.DEFAULT.full_iou, 0.88, 0.9, None)):
+        for share in (True, False):
+            st = dataclasses.replace(zoom.DEFAULT, full_iou=gate, share=share)
+            variants[
+                f"full_iou {gate}, {'crops shared' if share else 'no sharing'}"
+                + (" (default)" if st == zoom.DEFAULT else "")
+            ] = st
+    print("| settings | boxes | zoomed | crops used | distinct crops (encodes) | encodes per box | Dice vs labels |")
+    print("|---|---|---|---|---|---|---|")
+    for label, st in variants.items():
+        model._zoom_windows = None  # type: ignore[attr-defined]
+        used, distinct, zoomed, ds = 0, set(), 0, []
+        for b, gt in zip(boxes, gts, strict=True):
+            mask, info = zoom.segment_box(model, rgb, b, full_embedding=full, settings=st)
+            used += len(info.crops)
+            distinct |= set(info.crops)
+            zoomed += info.path != "full"
+            ds.append(dice(mask, gt))
+        print(
+            f"| {label} | {len(boxes)} | {zoomed} | {used} | {len(distinct)} | {len(distinct) / len(boxes):.2f} | {np.mean(ds):.3f} |"
+        )
+    print(
+        f"| full view alone | {len(boxes)} | 0 | 0 | 0 | 0.00 | {np.mean([dice(model.predict(full, b).masks[0], gt) for b, gt in zip(boxes, gts, strict=True)]):.3f} |"
+    )
 
 
 def _outline(m):
@@ -413,8 +557,11 @@ def main():
     data = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT.parent / "shared" / "data"
     if cmd == "collect":
         collect(data)
-    elif cmd == "default":
-        run_default(data)
+    elif cmd == "default":  # default [DATA] [field=value ...], e.g. share=False full_iou=None min_zoom=3.0
+        kw = {k: eval(v) for k, v in (a.split("=", 1) for a in sys.argv[3:])}
+        run_default(data, zoom.ZoomSettings(**kw), "".join(f"_{k}{v}" for k, v in kw.items()))
+    elif cmd == "cost":
+        session_cost()
     elif cmd == "panels":
         panels(data, sys.argv[3:])
     else:

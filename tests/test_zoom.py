@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import tracemalloc
 
@@ -102,11 +103,85 @@ def test_crops_are_shared_through_the_cache(default_model, nuclei):
         shared += sum(w in seen for w in windows_now)
     assert shared > 0
     redrawn = (x0 + 1, y0 - 1, x1 + 2, y1)
-    new = [w for w in zoom.crop_windows(redrawn, rgb.shape[:2]) if w not in seen]
+    known = list(zoom.known_windows(default_model, rgb, full))  # crops a redrawn box may share
+    new = [w for w in zoom.crop_windows(redrawn, rgb.shape[:2], known=known) if w not in seen]
     assert zoom.segment_box(default_model, rgb, redrawn)[1].encodes == len(new)
     # the same boxes again: every crop comes from the cache
     again = sum(zoom.segment_box(default_model, rgb, c.box)[1].encodes for c in cases[:12])
     assert again == 0
+
+
+def _labelled_nuclei(samples, n):
+    """(box, label mask) of the ``n`` labelled nuclei nearest the image centre, in reading order."""
+    from scipy import ndimage
+
+    lab = read_image(samples / "dsb2018_nuclei_labels.png").array
+    lab = lab if lab.ndim == 2 else lab[..., 0]
+    found = []
+    for i, sl in enumerate(ndimage.find_objects(lab)):
+        if sl is None:
+            continue
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop - 1, sl[1].start, sl[1].stop - 1
+        if min(x1 - x0, y1 - y0) >= 6:
+            d = np.hypot((x0 + x1 - lab.shape[1]) / 2, (y0 + y1 - lab.shape[0]) / 2)
+            found.append((d, (x0, y0, x1, y1), lab == i + 1))
+    found = sorted(found, key=lambda f: f[0])[:n]
+    return [(b, m) for _, b, m in sorted(found, key=lambda f: (f[1][1] // 40, f[1][0]))]
+
+
+def test_neighbouring_nuclei_share_encoded_crops(default_model, nuclei, samples):
+    """An annotator's session on the nuclei sample: boxes accepted one after another reuse crops
+    encoded for their neighbours (fewer encodes than without sharing), and the masks hold vs the labels."""
+    image, _ = nuclei
+    rgb = default_model.prepare(image)
+    full = default_model.embed_rgb(rgb)
+    boxes = _labelled_nuclei(samples, 16)
+    shape = rgb.shape[:2]
+    result = {}
+    for share in (False, True):
+        default_model.cache.clear()
+        default_model._zoom_windows = None  # a fresh session: no crops known yet
+        settings = dataclasses.replace(zoom.DEFAULT, share=share, full_iou=None)
+        encodes, dices = 0, []
+        for box, gt in boxes:
+            mask, info = zoom.segment_box(default_model, rgb, box, full_embedding=full, settings=settings)
+            assert info.path == "zoom"
+            snapped = zoom.crop_windows(box, shape, settings)
+            for w in info.crops:  # its own snapped crop, or a neighbour's that holds the box with a margin
+                assert w in snapped or (share and zoom.holds(w, box, shape, settings.share_margin)), (w, box)
+            encodes += info.encodes
+            dices.append(dice(mask, gt))
+        result[share] = encodes, float(np.mean(dices))
+    (enc_own, d_own), (enc_shared, d_shared) = result[False], result[True]
+    assert enc_shared < enc_own, result
+    assert d_shared > d_own - 0.01, result
+    full_dice = np.mean([dice(default_model.predict(full, b).masks[0], gt) for b, gt in boxes])
+    assert d_shared > full_dice, (result, full_dice)
+
+
+def test_a_confident_full_view_answers_alone(default_model, nuclei):
+    """The ``full_iou`` gate: a box whose full-view answer is confident costs no crop encode."""
+    image, cases = nuclei
+    rgb = default_model.prepare(image)
+    full = default_model.embed_rgb(rgb)
+    cases = cases[:10]
+    ious = [float(default_model.predict(full, c.box).iou[0]) for c in cases]
+    shape = rgb.shape[:2]
+    assert all(zoom.zoom_factor(zoom.crop_window(c.box, shape), shape) >= zoom.DEFAULT.min_zoom for c in cases)
+    gate = float(np.median(ious))  # half of these small boxes are confident at this gate
+    settings = dataclasses.replace(zoom.DEFAULT, full_iou=gate)
+    paths = []
+    for c, iou in zip(cases, ious, strict=True):
+        mask, info = zoom.segment_box(default_model, rgb, c.box, full_embedding=full, settings=settings)
+        paths.append(info.path)
+        if iou >= gate:
+            assert info.path == "full" and info.encodes == 0 and not info.crops
+            assert np.array_equal(mask, zoom.fill_holes(default_model.predict(full, c.box).masks[0]))
+        else:
+            assert info.path == "zoom" and info.crops
+    assert "full" in paths and "zoom" in paths
+    no_gate = dataclasses.replace(zoom.DEFAULT, full_iou=None)
+    assert all(zoom.segment_box(default_model, rgb, c.box, full, no_gate)[1].path == "zoom" for c in cases[:3])
 
 
 def test_exact_model_keeps_the_authors_path(nuclei):

@@ -45,9 +45,14 @@ class ZoomSettings:
         lenient: a tie of the pixel-wise vote counts as object (else a strict majority).
         min_zoom: zoom only when the first crop is at least this many times smaller than
             the image's long side (else the full view alone is answered).
+        full_iou: the full view alone is answered when its predicted IoU is at least this
+            (a confident full view of a clear object, e.g. a fundus disc); ``None``: never.
         fill_holes: fill enclosed holes of the final mask.
         large_side: images with a longer side than this are never encoded whole: every
             box goes through the crops only (slides, mosaics).
+        share: a crop already encoded for this image is used instead of the snapped one
+            when it holds the box with a margin of ``share_margin`` x its side and its side is
+            within ``share_ratio`` of the wanted one (neighbouring nuclei reuse one encode).
     """
 
     contexts: tuple[float, ...] = (1.5, 2.0, 3.0)
@@ -55,9 +60,13 @@ class ZoomSettings:
     stride: int = 4
     with_full: bool = True
     lenient: bool = True
-    min_zoom: float = 3.0
+    min_zoom: float = 2.0
+    full_iou: float | None = 0.9
     fill_holes: bool = True
     large_side: int = 4096
+    share: bool = True
+    share_ratio: float = 1.5
+    share_margin: float = 0.0625
 
     @property
     def context(self) -> float:
@@ -198,14 +207,88 @@ def _image_shape(image: Any) -> tuple[int, int]:
     return shape[0], shape[1]
 
 
-def crop_windows(box: BoxArg, shape: tuple[int, int], settings: ZoomSettings = DEFAULT) -> list[Window]:
-    """The distinct snapped crops :func:`segment_box` encodes for ``box`` (one per context)."""
-    out: list[Window] = []
+def holds(window: Window, box: BoxArg, shape: tuple[int, int], margin: float) -> bool:
+    """``window`` holds ``box`` with ``margin`` x its side free on every side inside the image."""
+    y0, y1, x0, x1 = window
+    bx0, by0, bx1, by1 = (float(v) for v in box)
+    m = margin * max(y1 - y0, x1 - x0)
+    return (
+        (bx0 - x0 >= m or x0 == 0)
+        and (x1 - 1 - bx1 >= m or x1 == shape[1])
+        and (by0 - y0 >= m or y0 == 0)
+        and (y1 - 1 - by1 >= m or y1 == shape[0])
+    )
+
+
+def _shared(want: Window, box: BoxArg, shape: tuple[int, int], known: Sequence[Window], s: ZoomSettings) -> Window:
+    """``want`` if it is known, else the known crop closest in size that may stand in for it, else ``want``."""
+    if want in known:
+        return want
+    side = max(want[1] - want[0], want[3] - want[2])
+    best, best_r = want, math.inf
+    for w in known:
+        r = abs(math.log(max(w[1] - w[0], w[3] - w[2]) / side))
+        if r <= math.log(s.share_ratio) + 1e-9 and r < best_r and holds(w, box, shape, s.share_margin):
+            best, best_r = w, r
+    return best
+
+
+def context_windows(
+    box: BoxArg, shape: tuple[int, int], settings: ZoomSettings = DEFAULT, known: Sequence[Window] = ()
+) -> list[Window]:
+    """One crop per context of ``settings.contexts`` (equal ones repeated: each votes).
+
+    Each is the snapped :func:`crop_window`, or with ``settings.share`` one of the ``known``
+    (already encoded) crops that holds the box at about the same scale.
+    """
+    out = []
     for ctx in settings.contexts:
         w = crop_window(box, shape, settings, ctx)
-        if w not in out:
-            out.append(w)
+        out.append(_shared(w, box, shape, known, settings) if settings.share and known else w)
     return out
+
+
+def crop_windows(
+    box: BoxArg, shape: tuple[int, int], settings: ZoomSettings = DEFAULT, known: Sequence[Window] = ()
+) -> list[Window]:
+    """The distinct crops :func:`segment_box` encodes for ``box`` (of :func:`context_windows`)."""
+    return list(dict.fromkeys(context_windows(box, shape, settings, known)))
+
+
+_MAX_KNOWN = 4096
+
+
+class _Known:
+    """Crops encoded so far per image, for :func:`known_windows` (a few images, most recent kept)."""
+
+    def __init__(self) -> None:
+        self.images: dict[Any, tuple[Any, list[Window]]] = {}
+
+
+def known_windows(model: Any, image: Any, full_embedding: Embedding | None = None) -> list[Window]:
+    """The crops encoded so far for ``image`` through ``model`` (most recent last).
+
+    Keyed by the full-view embedding's cache key when there is one (a hash of the image's
+    pixels: the same image passed as a new array object still shares), else by the image
+    object itself. Only which crop is chosen depends on this; the crop's embedding always
+    comes from the cache keyed by the crop's pixels.
+    """
+    reg = getattr(model, "_zoom_windows", None)
+    if not isinstance(reg, _Known):
+        reg = _Known()
+        try:
+            model._zoom_windows = reg
+        except AttributeError:
+            return []
+    shape = tuple(int(v) for v in image.shape)
+    key: Any = (full_embedding.key, shape) if full_embedding is not None and full_embedding.key else (id(image), shape)
+    owner = None if isinstance(key[0], str) else image
+    hit = reg.images.get(key)
+    if hit is None or (owner is not None and hit[0] is not owner):  # a new object that reuses a freed id
+        if len(reg.images) >= 8:
+            reg.images.pop(next(iter(reg.images)))
+        hit = reg.images[key] = (owner, [])
+    return hit[1]
 
 
 def segment_box(
@@ -218,8 +301,10 @@ def segment_box(
 ) -> tuple[np.ndarray, ZoomInfo]:
     """Mask for one box with the zoom strategy, and what was done.
 
-    The box is decoded in each crop of :func:`crop_windows` and, unless the image is
-    large, in the full view; the masks vote pixel by pixel (a tie counts as object with
+    The box is decoded in the full view (unless the image is large); when that answer is
+    confident (predicted IoU >= ``settings.full_iou``) or the crops would zoom less than
+    ``settings.min_zoom``, it is the answer. Else the box is decoded in each crop of
+    :func:`crop_windows` too and the masks vote pixel by pixel (a tie counts as object with
     ``settings.lenient``) and enclosed holes are filled.
 
     Args:
@@ -236,8 +321,7 @@ def segment_box(
     shape = _image_shape(image)
     whole: Window = (0, shape[0], 0, shape[1])
     b = normalize_boxes(box, shape)[0]
-    wins = crop_windows(b, shape, settings)
-    z = zoom_factor(wins[0], shape)
+    z = zoom_factor(crop_window(b, shape, settings), shape)  # the snapped crop decides, not the history
     large = max(shape) > settings.large_side
     masks: list[np.ndarray] = []
     info = ZoomInfo("crop-only" if large else "zoom", whole, z)
@@ -248,24 +332,31 @@ def segment_box(
             emb, encoded = model.embed_rgb_status(read_crop(image, whole))
             info.encodes += int(encoded)
         m, iou = decode_window(model, emb, whole, b)
-        if z < settings.min_zoom:
+        if z < settings.min_zoom or (settings.full_iou is not None and iou >= settings.full_iou):
             info.path, info.iou = "full", [iou]
             return _finish(m, whole, info, shape, settings, full_size)
         masks.append(m)
         info.iou.append(iou)
+    known = known_windows(model, image, emb if use_full else None) if settings.share else []
+    per_ctx = context_windows(b, shape, settings, known)
+    wins = list(dict.fromkeys(per_ctx))
     region = wins[0] if large else whole
     for w in wins:
         region = (min(region[0], w[0]), max(region[1], w[1]), min(region[2], w[2]), max(region[3], w[3]))
+    local: dict[Window, np.ndarray] = {}
     for w in wins:
         emb_c, encoded = encode_window(model, image, w)
         m, iou = decode_window(model, emb_c, w, b)
         info.encodes += int(encoded)
         info.iou.append(iou)
-        local = np.zeros((region[1] - region[0], region[3] - region[2]), bool)
-        local[w[0] - region[0] : w[1] - region[0], w[2] - region[2] : w[3] - region[2]] = m
-        masks.append(local)
+        if settings.share and w not in known:
+            known.append(w)
+            del known[:-_MAX_KNOWN]
+        local[w] = np.zeros((region[1] - region[0], region[3] - region[2]), bool)
+        local[w][w[0] - region[0] : w[1] - region[0], w[2] - region[2] : w[3] - region[2]] = m
     if use_full:  # the full-view mask, cut to the region (outside it no crop votes)
         masks[0] = masks[0][region[0] : region[1], region[2] : region[3]]
+    masks += [local[w] for w in per_ctx]  # one vote per context: a crop wanted twice votes twice
     votes = np.sum(masks, axis=0) * 2
     fused = votes >= len(masks) if settings.lenient else votes > len(masks)
     info.crops = wins
