@@ -167,7 +167,7 @@ class BoxAnnotator:
         self._generation += 1
         self.prefetch.box_event()
         fut, snap = self.encoder.request(lead, NOW), self.encoder.snapshot()  # one version: set_source is GUI-only
-        plane = (lambda: self.encoder.plane(lead, snap)) if kind is JobKind.ACCEPT else None  # the encoded pixels
+        plane = lambda: self.encoder.plane(lead, snap)  # noqa: E731 - the encoded pixels (accepts, slide previews)
         return BoxJob(self._generation, lead, box, fut, kind, shape_index, t_event, plane)
 
     def preview_shape(self, shape_index: int, t_event: float | None = None) -> None:

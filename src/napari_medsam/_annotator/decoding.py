@@ -31,7 +31,9 @@ import numpy as np
 from napari_medsam.engine.decoder_process import DecoderUnavailable
 from napari_medsam.engine.fast.windows import grown_region
 from napari_medsam.engine.predictor import Prediction
-from napari_medsam.engine.zoom import ZoomInfo, segment_box
+from napari_medsam.engine.segment import uses_zoom
+from napari_medsam.engine.zoom import DEFAULT as ZOOM
+from napari_medsam.engine.zoom import ZoomInfo, crop_window, decode_window, encode_window, segment_box
 
 from .constants import JobKind
 from .threads import start_worker
@@ -82,12 +84,6 @@ class BoxResult:
 #: masks stay close to their box (trained on tight boxes with 0-20 px jitter), so the preview computes
 #: the mask only there; accepted labels use the full plane. One home, shared with the fused decoder.
 preview_region = grown_region
-
-
-def uses_zoom(model) -> bool:
-    """Accepts go through :func:`engine.zoom.segment_box` (as ``MedSAM.segment(image)`` does):
-    LiteMedSAM not loaded ``exact``. Else the authors' pipeline: one decode on the full view."""
-    return not getattr(model, "exact", False) and getattr(model, "name", None) == "litemedsam"
 
 
 class LatestBoxDecoder:
@@ -244,6 +240,8 @@ class LatestBoxDecoder:
             if job.plane is None or not uses_zoom(self.model):
                 return BoxResult(job, self.model.predict(emb, job.box), decode_s=time.perf_counter() - t0)
             return self._zoom(job, emb, t0)
+        if emb is None:  # a plane never encoded whole (a slide): the preview decodes in the box's crop
+            return self._crop_preview(job, t0)
         region = preview_region(job.box, emb.original_size)
         pred = None
         if self.remote is not None and self.remote.ready:
@@ -258,6 +256,23 @@ class LatestBoxDecoder:
             finally:
                 self.decoding_preview.clear()
         return BoxResult(job, pred, region, decode_s=time.perf_counter() - t0)
+
+    def _crop_preview(self, job: BoxJob, t0: float) -> BoxResult:
+        """Preview on a plane with no full view: the box decoded in its middle-context crop (encoded
+        once here, shown as busy; a drag within the same snapped crop costs decodes only)."""
+        assert job.plane is not None
+        plane = job.plane()
+        w = crop_window(job.box, plane.shape[:2], ZOOM, ZOOM.contexts[len(ZOOM.contexts) // 2])
+        if not self._stop:
+            self.on_busy(True)
+        try:
+            emb, _ = encode_window(self.model, plane, w)
+        finally:
+            if not self._stop:
+                self.on_busy(False)
+        mask, iou = decode_window(self.model, emb, w, job.box)
+        pred = Prediction(mask[None], np.array([iou], np.float32), np.asarray([job.box], float))
+        return BoxResult(job, pred, w, decode_s=time.perf_counter() - t0)
 
     def _zoom(self, job: BoxJob, emb, t0: float) -> BoxResult:
         """The zoom strategy for an accept; its crop encodes (if not cached) run here, shown as busy."""

@@ -1,7 +1,9 @@
 """Step 3, encoding: planes of the image become embeddings in a worker thread, plane on screen first.
 
 An :class:`EncoderService` owns one worker thread. ``request(index)`` returns a
-``Future[Embedding]``; requests are served by :class:`~.constants.Priority` (the
+``Future[Embedding]`` (``None`` for a plane that is never encoded whole,
+:func:`~napari_medsam.engine.segment.crops_only`: a slide's boxes encode their own crops);
+requests are served by :class:`~.constants.Priority` (the
 plane on screen first, then its neighbours, then background prefetch), each plane
 at most once per intensity setting thanks to the model's cache. The service is
 named after its job, scheduling: the image encoder itself is the model's.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_medsam.engine.intensity import convert, gray_to_rgb
+from napari_medsam.engine.segment import crops_only
 
 from .constants import EncoderState, Priority
 from .threads import start_worker
@@ -234,7 +237,11 @@ class EncoderService:
                 if not background:
                     self._state(EncoderState.ENCODING)
                 t0 = time.perf_counter()
-                emb, encoded = self.model.embed_rgb_status(self.plane(index, snap))
+                plane = self.plane(index, snap)
+                if crops_only(self.model, plane.shape):  # a slide: no full view (boxes encode their crops)
+                    emb, encoded = None, False
+                else:
+                    emb, encoded = self.model.embed_rgb_status(plane)
                 self.encoded += encoded
                 fut.set_result(emb)
                 if background:

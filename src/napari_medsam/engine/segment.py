@@ -97,6 +97,18 @@ def load_model(
 # ---------------------------------------------------------------------------
 # one image, many boxes
 # ---------------------------------------------------------------------------
+def uses_zoom(model: Any) -> bool:
+    """Boxes are answered by :func:`engine.zoom.segment_box` (as ``MedSAM.segment(image)`` does):
+    LiteMedSAM not loaded ``exact``. Else the authors' pipeline: one decode on the full view."""
+    return not getattr(model, "exact", False) and getattr(model, "name", None) == "litemedsam"
+
+
+def crops_only(model: Any, shape: Sequence[int]) -> bool:
+    """A plane of ``shape`` (H, W[, C]) is never encoded whole: a zoomed model and a side over the
+    zoom's ``large_side`` (a slide or mosaic; a full view at 256 px would see nothing of a small object)."""
+    return uses_zoom(model) and max(int(shape[0]), int(shape[1])) > ZOOM_DEFAULT.large_side
+
+
 @dataclass
 class Segmentation:
     """A mask for one prompt and what it cost.
@@ -167,7 +179,7 @@ class ImageSegmenter:
             if key not in self._u8:  # what MedSAM.embed / prepare convert the image to
                 self._u8[key] = model_input(self.image.array, "image", modality, win)
             rgb = self._u8[key]
-            if self._uses_zoom() and max(rgb.shape[:2]) > ZOOM_DEFAULT.large_side:  # a slide: crops only
+            if crops_only(self.model, rgb.shape):  # a slide: crops only
                 t0 = time.perf_counter()
                 mask, info = segment_box(self.model, rgb, b)  # no full view: it would see nothing at 256 px
                 used = validate.normalize_boxes(b, rgb.shape[:2])[0]
@@ -197,15 +209,11 @@ class ImageSegmenter:
         mask[slice], iou, used = self._decode(emb, rgb, b)
         return Segmentation(mask, iou, enc, time.perf_counter() - t0, used)
 
-    def _uses_zoom(self) -> bool:
-        """LiteMedSAM not ``exact``: boxes are answered by :func:`engine.zoom.segment_box`."""
-        return not getattr(self.model, "exact", False) and self.model.name == "litemedsam"
-
     def _decode(self, emb: Embedding, rgb: np.ndarray, box: Box) -> tuple[np.ndarray, float, np.ndarray]:
         """(mask, predicted IoU, box as used) as ``MedSAM.segment(rgb, box=...)`` answers: LiteMedSAM
         not ``exact``: the zoom strategy (:func:`engine.zoom.segment_box`, crops encoded here, their
         time in ``decode_s``); else (``--exact``, other models) one decode on the full view."""
-        if not self._uses_zoom():
+        if not uses_zoom(self.model):
             pred = self.model.predict(emb, box)
             return pred.masks[0], float(pred.iou[0]), pred.boxes[0]
         mask, info = segment_box(self.model, rgb, box, full_embedding=emb)
