@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import random
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -382,6 +384,30 @@ def test_write_labels_rejects_bad_input(tmp_path):
         write_labels(tmp_path / "bad.tif", np.zeros((5, 4), np.uint8), like=like)
     with pytest.raises(WriteError, match=r"\.jpg"):  # a write problem, not a read one
         write_labels(tmp_path / "x.jpg", np.zeros((4, 4), np.uint8))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize("name", ["pipe.png", "pipe.nii.gz", "pipe"])
+def test_a_named_pipe_is_refused_not_read(tmp_path, name):
+    """Before: read_image opened the pipe and blocked until something wrote to it (segment, batch hung).
+    A helper unblocks a reader that waits longer than 10 s, so the old code fails instead of hanging."""
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+    returned = threading.Event()
+
+    def unblock():
+        if not returned.wait(10):
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # a reader is waiting: this succeeds
+            os.close(fd)
+
+    helper = threading.Thread(target=unblock, daemon=True)
+    helper.start()
+    try:
+        with pytest.raises(ReadError, match="not a regular file"):
+            read_image(fifo)
+    finally:
+        returned.set()
+        helper.join(15)
 
 
 def test_write_labels_under_a_file_names_the_folder(tmp_path):

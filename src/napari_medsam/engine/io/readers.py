@@ -43,6 +43,8 @@ def read_image(path: PathLike) -> ImageData:
     p = Path(path).expanduser()
     if not p.exists():
         raise ReadError(f"{p} does not exist")
+    if not (p.is_file() or p.is_dir()):  # opening a pipe or a device would block or never end
+        raise ReadError(f"{p} is not a regular file or a folder (a pipe, device or socket): nothing to read")
     suffix = _suffix(p)
     reader = _read_dicom_dir if p.is_dir() else _READERS.get(suffix)
     if reader is None and is_dicom_file(p):
