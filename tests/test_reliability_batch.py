@@ -6,6 +6,7 @@ row must never stop the rows after it (issue 12: batch CSVs are one of the probe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,11 @@ def test_header_only_gives_no_rows_and_bom_and_case_are_accepted(tmp_path):
     p = _prompts(tmp_path, '\ufeff Image , BOX \na.png,"1,2,3,4"\n'.encode())
     (row,) = read_prompts(p)
     assert row.error is None and row.box == (1.0, 2.0, 3.0, 4.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_prompts_file_is_refused(tmp_path):
+    fifo = tmp_path / "prompts.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(MedSAMError, match="not a regular file"):
+        read_prompts(fifo)

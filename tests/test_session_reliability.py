@@ -395,3 +395,27 @@ def test_a_box_missing_optional_keys_is_saved_and_read_back(images, tmp_path):
     assert s2.load_record(0) is not None and not s2.warnings
     data, _, ids = s2.layer_state(0)
     assert len(data) == 1 and list(ids) == [1]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_as_input_is_refused_not_read(tmp_path):
+    """Before: the pipe was read as a list file, blocking until something wrote to it. A helper
+    unblocks a reader that waits longer than 10 s, so the old code fails instead of hanging."""
+    import threading
+
+    fifo = tmp_path / "list.txt"
+    os.mkfifo(fifo)
+    returned = threading.Event()
+
+    def unblock():
+        if not returned.wait(10):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    helper = threading.Thread(target=unblock, daemon=True)
+    helper.start()
+    try:
+        with pytest.raises(SessionError, match="a pipe, device or socket"):
+            LabelingSession(fifo, tmp_path / "out")
+    finally:
+        returned.set()
+        helper.join(15)

@@ -103,7 +103,8 @@ def read_prompts(prompts_csv: PathLike) -> list[PromptRow]:
     if path.is_dir():
         raise BatchError(f"{path} is a folder, not a prompts CSV: give the CSV file's path")
     if not path.is_file():
-        raise ReadError(f"prompts file {path} does not exist")
+        what = "is not a regular file (a pipe, device or socket)" if path.exists() else "does not exist"
+        raise ReadError(f"prompts file {path} {what}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)

@@ -131,6 +131,8 @@ def session_entries(source: Path, exclude: Sequence[Path] = ()) -> list[tuple[Pa
     """What a session's input holds: a folder's images, one image file, or the images a list file names."""
     if source.is_dir():
         return list_images(source, exclude=exclude)
+    if not source.is_file():  # reading a pipe or a device would block
+        raise SessionError(f"input {source} is not a folder, an image or a list file (a pipe, device or socket)")
     if _suffix(source) in IMAGE_SUFFIXES or is_dicom_file(source):
         return [(source, source.name)]  # one image: a session of one
     try:
