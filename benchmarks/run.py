@@ -14,6 +14,7 @@ machines are noisy, so ratios matter more than absolute times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -27,8 +28,33 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+#: torch's own thread count in this process before any model is loaded: what the authors' script and an
+#: ``exact=True`` user run with (the default path sets its own once at load, engine.fast.torch_threads_for)
+AUTHORS_THREADS = torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def authors_threads():
+    """Run the enclosed code at torch's default thread count (the authors' script, ``exact=True``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(AUTHORS_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
 
 def authors_encode(module, img_3c):
+    with authors_threads():
+        return _authors_encode(module, img_3c)
+
+
+def authors_decode(module, emb, box, hw, new_hw):
+    with authors_threads():
+        return _authors_decode(module, emb, box, hw, new_hw)
+
+
+def _authors_encode(module, img_3c):
     import cv2
 
     h, w = img_3c.shape[:2]
@@ -42,7 +68,7 @@ def authors_encode(module, img_3c):
         return module.image_encoder(t), (nh, nw)
 
 
-def authors_decode(module, emb, box, hw, new_hw):
+def _authors_decode(module, emb, box, hw, new_hw):
     h, w = hw
     box256 = np.array([int(v * 256 / max(h, w)) for v in box])[None]
     box_t = torch.as_tensor(box256[None, None, ...], dtype=torch.float)
@@ -88,9 +114,10 @@ def bench_engine(n_boxes=100, n_encode=8):
         t = time.perf_counter()
         model.predict(emb, b)
         ours_d.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        exact.predict(x_emb, b)
-        exact_d.append(time.perf_counter() - t)
+        with authors_threads():
+            t = time.perf_counter()
+            exact.predict(x_emb, b)
+            exact_d.append(time.perf_counter() - t)
         t = time.perf_counter()
         authors_decode(exact.module, a_emb, b, rgb.shape[:2], new_hw)
         theirs_d.append(time.perf_counter() - t)
@@ -100,9 +127,10 @@ def bench_engine(n_boxes=100, n_encode=8):
         t = time.perf_counter()
         model.embed_rgb(shifted, use_cache=False)
         ours_e.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        exact.embed_rgb(shifted, use_cache=False)
-        exact_e.append(time.perf_counter() - t)
+        with authors_threads():
+            t = time.perf_counter()
+            exact.embed_rgb(shifted, use_cache=False)
+            exact_e.append(time.perf_counter() - t)
         t = time.perf_counter()
         authors_encode(exact.module, shifted)
         theirs_e.append(time.perf_counter() - t)
@@ -274,7 +302,12 @@ def machine():
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    from napari_medsam.engine.fast import torch_threads_for
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} "
+        f"(torch threads: {AUTHORS_THREADS} for the authors' pipeline and exact, {torch_threads_for()} for the default path)"
+    )
 
 
 def load_average():

@@ -71,6 +71,8 @@ BAD_FAST = {
     "a number": (3, OptionTypeError, "fast must be"),
     "a list": (["onnx"], OptionTypeError, "fast must be"),
     "an unknown autocast type": ({"autocast": "float8"}, ModelError, "autocast must be .*float8"),
+    "a thread count of 0": ({"torch_threads": 0}, ModelError, "torch_threads must be"),
+    "a thread count as text": ({"torch_threads": "two"}, ModelError, "torch_threads must be"),
 }
 
 

@@ -65,7 +65,7 @@ def check_fast(fast: Any) -> None:
     """
     if fast is None or fast is True or fast is False:
         return
-    from .fast import DECODERS, ENCODERS, accelerate, fast_options
+    from .fast import DECODERS, ENCODERS, accelerate, fast_options, resolve_torch_threads
 
     try:
         opts = fast_options(fast)
@@ -79,13 +79,13 @@ def check_fast(fast: Any) -> None:
         value = opts.get(what) or "eager"
         if value not in names:
             raise ModelError(f"fast={fast!r}: {what} must be one of {names}, got {value!r}")
-    if "autocast" in opts:
-        from .precision import resolve
+    from .precision import resolve
 
-        try:
-            resolve(opts["autocast"], "cpu", "litemedsam")
-        except ValueError as exc:
-            raise ModelError(f"fast={fast!r}: {exc}") from None
+    try:
+        resolve(opts.get("autocast"), "cpu", "litemedsam")
+        resolve_torch_threads(opts.get("torch_threads"))
+    except ValueError as exc:
+        raise ModelError(f"fast={fast!r}: {exc}") from None
 
 
 def resolve_speed(exact: bool = False, fast: Any = None) -> tuple[Any, bool]:

@@ -20,6 +20,7 @@ and not kept is in ``docs/benchmarks_speed.md``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,7 @@ __all__ = [
     "_source_span",
     "_weights_digest",
     "accelerate",
+    "apply_torch_threads",
     "auto_window",
     "autocast_dtype",
     "build_encoder",
@@ -80,7 +82,9 @@ __all__ = [
     "grow_box",
     "grown_region",
     "have_onnxruntime",
+    "resolve_torch_threads",
     "sdpa_vit",
+    "torch_threads_for",
     "touches_border",
     "triton_blocked",
     "window_for",
@@ -176,6 +180,7 @@ def accelerate(
     fp16_cache: bool = False,
     decoder_threads: int | None = 1,
     autocast: Any = "auto",
+    torch_threads: Any = "auto",
 ) -> Accelerator | None:
     """Attach fast paths to a loaded :class:`MedSAM` as ``model.fast`` and return them.
 
@@ -187,6 +192,11 @@ def accelerate(
         fp16_cache: this model's embeddings stored as float16 (2.1 MB instead of 4.2 MB
             each, own cache-key suffix); a cache shared with other models is not changed.
         decoder_threads: accepted for compatibility, not applied (see :class:`Accelerator`).
+        torch_threads: torch's intra-op threads for this process's threads started from now on (and
+            the calling one), set once here: ``"auto"`` = :func:`torch_threads_for` this machine
+            (1 on up to 4 cores: the fused decoder's ~250 small ops lose 4-20x on a second
+            OpenMP thread whenever anything else wants a core, docs/benchmarks.md; the encoder
+            runs in ONNX Runtime's own pool); a number: that; ``None``: torch's setting is left alone.
         autocast: ``"auto"`` (a half type only where its measured agreement holds, i.e. today
             float32 everywhere: :mod:`napari_medsam.engine.precision`), ``None``, or a type name (``float16``,
             ``bfloat16``): the encoder and the eager decoder under ``torch.autocast``
@@ -220,6 +230,7 @@ def accelerate(
         log.info("no measured fast path for %s on %s: the default path (float32)", model.name, model.device)
         model.fast = None
         return None
+    apply_torch_threads(torch_threads)
     ek = encoder or "eager"
     dk = decoder or "eager"
     if dk not in DECODERS:
@@ -244,6 +255,38 @@ def accelerate(
         acc.key_suffix += ":fp16"
     model.fast = acc
     return acc
+
+
+def torch_threads_for(cores: int | None = None) -> int:
+    """torch intra-op threads for the fast CPU path on a machine with ``cores`` logical cores.
+
+    Measured on 2 cores (docs/benchmarks.md): 1 thread. Larger machines keep a few threads
+    (not measured here), at most half the cores, so a GUI or a second process keeps a core.
+    """
+    n = cores if cores is not None else (os.cpu_count() or 1)
+    return 1 if n <= 4 else min(4, n // 2)
+
+
+def resolve_torch_threads(threads: Any) -> int | None:
+    """:func:`accelerate`'s ``torch_threads`` (``"auto"``, a positive int, None) -> a count or None."""
+    if threads is None:
+        return None
+    n = torch_threads_for() if threads == "auto" else threads
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"torch_threads must be 'auto', None or a positive int, got {threads!r}")
+    return n
+
+
+def apply_torch_threads(threads: Any) -> None:
+    """Set torch's intra-op threads as ``torch_threads`` says (:func:`resolve_torch_threads`)."""
+    n = resolve_torch_threads(threads)
+    if n is not None and torch.get_num_threads() != n:
+        log.info(
+            "torch intra-op threads %d -> %d (the fast CPU path; torch_threads=None leaves them)",
+            torch.get_num_threads(),
+            n,
+        )
+        torch.set_num_threads(n)
 
 
 def fast_options(fast: Any) -> dict[str, Any]:
