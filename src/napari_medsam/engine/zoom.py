@@ -17,6 +17,7 @@ Qt-free; the plugin and the browser server call :func:`segment_box` on accept.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -259,11 +260,7 @@ def crop_windows(
 _MAX_KNOWN = 4096
 
 
-class _Known:
-    """Crops encoded so far per image, for :func:`known_windows` (a few images, most recent kept)."""
-
-    def __init__(self) -> None:
-        self.images: dict[Any, tuple[Any, list[Window]]] = {}
+_KNOWN_LOCK = threading.Lock()  # accepts may come from several threads (server requests, workers)
 
 
 def known_windows(model: Any, image: Any, full_embedding: Embedding | None = None) -> list[Window]:
@@ -274,22 +271,24 @@ def known_windows(model: Any, image: Any, full_embedding: Embedding | None = Non
     object itself. Only which crop is chosen depends on this; the crop's embedding always
     comes from the cache keyed by the crop's pixels.
     """
-    reg = getattr(model, "_zoom_windows", None)
-    if not isinstance(reg, _Known):
-        reg = _Known()
-        try:
-            model._zoom_windows = reg
-        except AttributeError:
-            return []
     shape = tuple(int(v) for v in image.shape)
     key: Any = (full_embedding.key, shape) if full_embedding is not None and full_embedding.key else (id(image), shape)
     owner = None if isinstance(key[0], str) else image
-    hit = reg.images.get(key)
-    if hit is None or (owner is not None and hit[0] is not owner):  # a new object that reuses a freed id
-        if len(reg.images) >= 8:
-            reg.images.pop(next(iter(reg.images)))
-        hit = reg.images[key] = (owner, [])
-    return hit[1]
+    with _KNOWN_LOCK:
+        reg = getattr(model, "_zoom_windows", None)
+        if not isinstance(reg, dict):
+            reg = {}
+            try:
+                model._zoom_windows = reg
+            except AttributeError:
+                return []
+        hit = reg.get(key)
+        if hit is None or (owner is not None and hit[0] is not owner):  # a new object that reuses a freed id
+            if len(reg) >= 8:
+                reg.pop(next(iter(reg)))
+            hit = reg[key] = (owner, [])
+        out: list[Window] = hit[1]
+        return out
 
 
 def segment_box(
