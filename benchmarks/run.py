@@ -406,10 +406,12 @@ NOTES = """
   35 ms decode took about 200 ms; the "decoder thread" row keeps that path for comparison.
 - The ceiling here is napari itself: under Xvfb's software OpenGL one canvas draw of
   this window costs 35-50 ms (about 20 ms with no layer at all) and napari handles about
-  11-15 rectangle moves per second with no plugin. Every move gets its preview (no stale
-  box skipped); a preview shows about two frames after its move (decode in the child
-  50-70 ms, against 31 ms on an idle machine, while the GUI and llvmpipe's two threads
-  share the 2 cores; then one draw). Runs vary by 20-30% on this shared machine.
+  11-17 rectangle moves per second with no plugin. Every move gets its preview (no stale
+  box skipped); a preview shows about two to three frames after its move (decode in the child
+  26-33 ms on 2026-12-03, 50-70 ms in earlier runs, while the GUI and llvmpipe's two threads
+  share the 2 cores; then one draw). The 2026-12-03 run updated the preview at 0.93x napari's
+  own draw rate (the 0.9x goal of issue 13); earlier runs gave 0.59x. Runs vary by 20-30% on
+  this shared machine.
   Issue #3's targets (>= 20 updates/s, p95 <= 60 ms) are below napari's own rectangle
   drag here; with a GPU the draw cost, and most of this latency, goes away.
 - Earlier tables (before 2026-11-28) timed "drawn" at the *start* of the next draw; the
@@ -420,17 +422,23 @@ NOTES = """
 
 
 NOTES_LATENCY = """
-## Reading the first-mask, 3D, per-box and memory sections (2026-12-02)
+## Reading the first-mask, 3D, per-box and memory sections (2026-12-03)
 
-- After Next the embedding is already in the session's cache (the encoder service's wait is
-  ~10 ms), so the first preview is one full-view decode plus reading the file; a small box's
-  accept still encodes its zoom crops (about 0.5 s each) on the critical path, so the *accepted*
-  mask of a small object is not under 100 ms even after prefetch; a large box (no zoom) is.
-- 3D prefetched: no slice is encoded on the critical path, yet 20 slices take seconds: each new
-  slice's embedding pays the fast decoder's per-embedding image state (engine/fast/decoder.py
-  `image_state` and the first transformer pass; ~250 ms per slice on a quiet machine, ~1 s under a
-  load of 6), which the 2D box -> mask row hides (one embedding, state reused). Computing that
-  state during the prefetch would bring the prefetched row to 20 cached decodes.
+- This machine was about 1.7x slower on 2026-12-03 than on 2026-12-02 (the authors' decode 77 vs
+  46 ms, their encoder 1.7 vs 0.9 s at the same load): compare ratios, not times, across days.
+- Threads: since 2026-12-03 the default path runs torch on 1 thread on machines of up to 4 cores
+  (`engine.fast.torch_threads_for`, set once at load). At a quiet moment that costs the 2D box ->
+  mask row about 25 % (the same process, 1 vs 2 threads alternating: median 28.8 vs 22.7 ms, p95
+  34.3 vs 29.7) and a prefetched 20-slice propagation 1.5 vs 0.86 s; whenever anything else wants
+  a core it wins 4-20x (load ~5: box -> mask median 38 vs 212 ms, p95 86 vs 2047; 20 slices 1.3 vs
+  7-14 s). The live drag above ran with it (the previews' child process was on 1 thread already).
+- After Next the embedding is already in the session's cache, so the first preview is one
+  full-view decode plus reading the file; a small box's accept still encodes its zoom crops on the
+  critical path, so the *accepted* mask of a small object is not under 100 ms even after
+  prefetch; a large box (no zoom) is.
+- 3D prefetched: no slice is encoded on the critical path and 20 slices take 1.3-1.5 s (goal 2 s):
+  each slice pays the fast decoder's per-embedding state (`image_state`, ~40 ms on one thread)
+  plus one decode.
 - Memory: the peak is set by the volume-wide 8-bit conversion (engine.intensity.convert works on a
   float64 copy of the whole volume, 630 MB for 512 x 512 x 300 int16, plus temporaries), not by
   embeddings. The embedding cache holds fp16 entries up to its `max_bytes` (default 1 GiB, i.e. all
