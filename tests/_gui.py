@@ -69,3 +69,49 @@ def drag(viewer, layer, start, end, steps: int = 10, wait_ms: float = 16, path=N
 
 def wait_until(qtbot, predicate, timeout_s: float = 60.0):
     qtbot.waitUntil(predicate, timeout=int(timeout_s * 1000))
+
+
+# -- a 3D MR volume in a viewer with the MedSAM widget (steering tests) ------------------------
+MR = "pyradiomics_brain1.nii.gz"  # 25 x 256 x 256 MR, a tumour on slices 11..17, key slice 16
+
+
+def open_mr_viewer(make_napari_viewer, qtbot, samples):
+    """(viewer, widget, case, volume): the bundled MR with the widget attached to it."""
+    from napari_medsam._widget import MedSAMWidget
+    from napari_medsam.engine.evaluation import load_cases
+    from napari_medsam.engine.io import read_image
+
+    case = next(c for c in load_cases(samples) if c.image.name == MR)
+    vol = read_image(case.image)
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 900)
+    viewer.add_image(vol.array, name="MR", scale=vol.spacing)
+    widget = MedSAMWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MedSAM")
+    qtbot.waitUntil(lambda: widget.controller is not None and widget.controller.image is not None, timeout=180_000)
+    viewer.reset_view()
+    pump(50)
+    return viewer, widget, case, vol
+
+
+def go_to_slice(qtbot, viewer, c, z: int) -> None:
+    """Scroll the annotator ``c``'s viewer to slice ``z`` and wait for its embedding."""
+    viewer.dims.set_point(0, z * c.image.scale[0])
+    pump(30)
+    assert c.current_index() == (z,)
+    qtbot.waitUntil(c.encoder.request((z,)).done, timeout=120_000)
+
+
+def press(qtbot, viewer, key, modifier=None) -> None:
+    """A real key press on the canvas (napari's key bindings: boxes layer first, then the viewer)."""
+    from qtpy.QtCore import Qt
+
+    canvas = viewer.window._qt_viewer.canvas.native
+    canvas.setFocus()
+    qtbot.keyClick(canvas, key, Qt.KeyboardModifier.NoModifier if modifier is None else modifier)
+    pump(30)
+
+
+def slices_of(mask: np.ndarray) -> list[int]:
+    """The slice indices where a (Z, Y, X) mask has any pixel."""
+    return [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]

@@ -14,7 +14,7 @@ pytest.importorskip("pytestqt")
 
 from qtpy.QtCore import Qt
 
-from _gui import drag, pump
+from _gui import drag, go_to_slice, open_mr_viewer, press, pump, slices_of
 from napari_medsam._annotator.history import Edit, History, LabelPatch
 from napari_medsam._annotator.layers import KEY_COLOR, PROPAGATED_COLOR, box_kinds, boxes_state
 from napari_medsam._annotator.steer_boxes import (
@@ -24,9 +24,6 @@ from napari_medsam._annotator.steer_boxes import (
     same_state,
     with_propagated,
 )
-from napari_medsam._widget import MedSAMWidget
-from napari_medsam.engine.evaluation import load_cases
-from napari_medsam.engine.io import read_image
 from napari_medsam.engine.labels import box_from_vertices
 
 
@@ -93,40 +90,10 @@ def test_history_merges_an_edit_and_its_repropagation_into_one_step():
 
 
 # -- the viewer ---------------------------------------------------------------------------------
-MR = "pyradiomics_brain1.nii.gz"  # 25 x 256 x 256 MR, a tumour on slices 11..17, key slice 16
-
-
 @pytest.fixture
 def mr_viewer(make_napari_viewer, qtbot, samples):
-    case = next(c for c in load_cases(samples) if c.image.name == MR)
-    vol = read_image(case.image)
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1400, 900)
-    viewer.add_image(vol.array, name="MR", scale=vol.spacing)
-    widget = MedSAMWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="MedSAM")
-    qtbot.waitUntil(lambda: widget.controller is not None and widget.controller.image is not None, timeout=180_000)
-    viewer.reset_view()
-    pump(50)
+    viewer, widget, case, vol = open_mr_viewer(make_napari_viewer, qtbot, samples)
     return viewer, widget, case
-
-
-def _go(qtbot, viewer, c, z: int) -> None:
-    viewer.dims.set_point(0, z * c.image.scale[0])
-    pump(30)
-    assert c.current_index() == (z,)
-    qtbot.waitUntil(c.encoder.request((z,)).done, timeout=120_000)
-
-
-def _key(qtbot, viewer, key, modifier=None) -> None:
-    canvas = viewer.window._qt_viewer.canvas.native
-    canvas.setFocus()
-    qtbot.keyClick(canvas, key, Qt.KeyboardModifier.NoModifier if modifier is None else modifier)
-    pump(30)
-
-
-def _slices(mask: np.ndarray) -> list[int]:
-    return [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
 
 
 def _boxes(c, kind: str) -> dict[int, tuple[int, tuple[float, ...]]]:
@@ -153,17 +120,17 @@ def test_propagated_boxes_show_and_dragging_one_repropagates_outward(mr_viewer, 
     box erases only its slice."""
     viewer, widget, case = mr_viewer
     c = widget.controller
-    _go(qtbot, viewer, c, case.key_slice)
+    go_to_slice(qtbot, viewer, c, case.key_slice)
     n = c.stats["accepts"]
     x0, y0, x1, y1 = case.box
     drag(viewer, c.image, (y0, x0), (y1, x1), steps=8)
     qtbot.waitUntil(lambda: c.stats["accepts"] > n, timeout=60_000)
     viewer.layers.selection.active = c.boxes
-    _key(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
+    press(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
     qtbot.waitUntil(lambda: _done(c, None), timeout=600_000)
     assert c.propagation.error is None
     labels = c.labels.data
-    zs = _slices(labels == 1)
+    zs = slices_of(labels == 1)
     prop = _boxes(c, "propagated")
     assert sorted(prop) == [z for z in zs if z != case.key_slice], (sorted(prop), zs)
     assert sorted(_boxes(c, "key")) == [case.key_slice]
@@ -179,7 +146,7 @@ def test_propagated_boxes_show_and_dragging_one_repropagates_outward(mr_viewer, 
     down = [z for z in prop if z < case.key_slice]
     z_edit = min(down) + 1  # one propagated slice beyond it, the others between it and the key slice
     assert set(range(z_edit - 1, case.key_slice)) <= set(prop) and case.key_slice - z_edit >= 2, sorted(prop)
-    _go(qtbot, viewer, c, z_edit)
+    go_to_slice(qtbot, viewer, c, z_edit)
     i, box = prop[z_edit]
     shown = set(np.flatnonzero(c.boxes._data_view._displayed).tolist())
     assert shown == {i}, f"on slice {z_edit} only its own box shows, got rows {shown}"
@@ -209,19 +176,19 @@ def test_propagated_boxes_show_and_dragging_one_repropagates_outward(mr_viewer, 
     new_prop = _boxes(c, "propagated")
     for z in range(z_edit + 1, case.key_slice):
         np.testing.assert_allclose(new_prop[z][1], prop[z][1])  # the boxes between are left alone
-    assert sorted(z for z in new_prop if z < z_edit) == [z for z in _slices(after == 1) if z < z_edit]
+    assert sorted(z for z in new_prop if z < z_edit) == [z for z in slices_of(after == 1) if z < z_edit]
 
     viewer.layers.selection.active = c.boxes
-    _key(qtbot, viewer, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
+    press(qtbot, viewer, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier)
     np.testing.assert_array_equal(c.labels.data, labels_before)
     assert same_state(boxes_state(c.boxes), boxes_before), "one undo restores the boxes too"
-    _key(qtbot, viewer, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
+    press(qtbot, viewer, Qt.Key.Key_Z, Qt.KeyboardModifier.ControlModifier | Qt.KeyboardModifier.ShiftModifier)
     np.testing.assert_array_equal(c.labels.data, after)
 
     # deleting a propagated box takes only its slice's label with it; undo brings it back
     z_del = z_edit + 1
     c.boxes.selected_data = {_boxes(c, "propagated")[z_del][0]}
-    _key(qtbot, viewer, Qt.Key.Key_Delete)
+    press(qtbot, viewer, Qt.Key.Key_Delete)
     assert z_del not in _boxes(c, "propagated")
     gone = [z for z in range(labels.shape[0]) if not np.array_equal(c.labels.data[z], after[z])]
     assert gone == [z_del] and not (c.labels.data[z_del] == 1).any(), gone
@@ -270,20 +237,20 @@ def test_dragging_a_box_between_two_key_slices_redoes_only_its_neighbours_span(m
         drag(viewer, c.image, (y0, x0), (y1, x1), steps=8)
         qtbot.waitUntil(lambda: c.stats["accepts"] > n, timeout=60_000)
 
-    _go(qtbot, viewer, c, case.key_slice)
+    go_to_slice(qtbot, viewer, c, case.key_slice)
     draw(case.box)
-    _go(qtbot, viewer, c, 12)
-    _key(qtbot, viewer, Qt.Key.Key_K)
+    go_to_slice(qtbot, viewer, c, 12)
+    press(qtbot, viewer, Qt.Key.Key_K)
     rows, cols = np.nonzero(gt[12])
     draw((cols.min() - 4, rows.min() - 4, cols.max() + 4, rows.max() + 4))
     viewer.layers.selection.active = c.boxes
-    _key(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
+    press(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
     qtbot.waitUntil(lambda: _done(c, None), timeout=600_000)
     assert sorted(_boxes(c, "key")) == [12, case.key_slice]
     prop = _boxes(c, "propagated")
     assert {13, 14, 15} <= set(prop), sorted(prop)
 
-    _go(qtbot, viewer, c, 14)
+    go_to_slice(qtbot, viewer, c, 14)
     before = c.labels.data.copy()
     old, accepts = c.propagation, c.stats["accepts"]
     i, (bx0, by0, bx1, by1) = prop[14]

@@ -13,46 +13,16 @@ pytest.importorskip("pytestqt")
 
 from qtpy.QtCore import Qt
 
-from _gui import drag, pump
+from _gui import drag, go_to_slice, open_mr_viewer, press, slices_of
 from napari_medsam._annotator.steering import text_overlay
-from napari_medsam._widget import MedSAMWidget
-from napari_medsam.engine.evaluation import dice, load_cases
-from napari_medsam.engine.io import read_image
+from napari_medsam.engine.evaluation import dice
 
 pytestmark = pytest.mark.gui
-MR = "pyradiomics_brain1.nii.gz"  # 25 x 256 x 256 MR, a tumour on slices 11..17, key slice 16
 
 
 @pytest.fixture
 def mr_viewer(make_napari_viewer, qtbot, samples):
-    case = next(c for c in load_cases(samples) if c.image.name == MR)
-    vol = read_image(case.image)
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(1400, 900)
-    viewer.add_image(vol.array, name="MR", scale=vol.spacing)
-    widget = MedSAMWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="MedSAM")
-    qtbot.waitUntil(lambda: widget.controller is not None and widget.controller.image is not None, timeout=180_000)
-    viewer.reset_view()
-    pump(50)
-    return viewer, widget, case, vol
-
-
-def _go(qtbot, viewer, widget, z: int) -> None:
-    """Scroll to slice ``z`` and wait for its embedding."""
-    c = widget.controller
-    viewer.dims.set_point(0, z * c.image.scale[0])
-    pump(30)
-    assert c.current_index() == (z,)
-    qtbot.waitUntil(c.encoder.request((z,)).done, timeout=120_000)
-
-
-def _key(qtbot, viewer, key, modifier=Qt.KeyboardModifier.NoModifier) -> None:
-    """A real key press on the canvas (napari's key bindings: boxes layer first, then the viewer)."""
-    canvas = viewer.window._qt_viewer.canvas.native
-    canvas.setFocus()
-    qtbot.keyClick(canvas, key, modifier)
-    pump(30)
+    return open_mr_viewer(make_napari_viewer, qtbot, samples)
 
 
 def _draw(qtbot, viewer, widget, box) -> None:
@@ -69,14 +39,10 @@ def _propagate(qtbot, viewer, widget) -> np.ndarray:
     c = widget.controller
     before = c.propagation
     viewer.layers.selection.active = c.boxes
-    _key(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
+    press(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
     qtbot.waitUntil(lambda: c.propagation is not before and c.propagation.done.is_set(), timeout=600_000)
     assert c.propagation.error is None
     return c.labels.data
-
-
-def _slices(mask: np.ndarray) -> list[int]:
-    return [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
 
 
 def _gt_box(gt: np.ndarray, z: int, pad: int = 4) -> tuple[float, float, float, float]:
@@ -97,34 +63,34 @@ def test_z_range_in_two_keystrokes_bounds_propagation(mr_viewer, qtbot):
     said: list[str] = []  # what steering told the status line (the encoder's state may overwrite it since)
     tell = steer.report
     steer.report = lambda text: (said.append(text), tell(text))[-1]
-    _go(qtbot, viewer, widget, 17)
-    _key(qtbot, viewer, Qt.Key.Key_BracketRight)
-    _go(qtbot, viewer, widget, 15)
-    _key(qtbot, viewer, Qt.Key.Key_BracketLeft)
+    go_to_slice(qtbot, viewer, widget.controller, 17)
+    press(qtbot, viewer, Qt.Key.Key_BracketRight)
+    go_to_slice(qtbot, viewer, widget.controller, 15)
+    press(qtbot, viewer, Qt.Key.Key_BracketLeft)
     assert steer.z_range == (15, 17)
     assert "15..17" in said[-1]
     overlay = text_overlay(viewer)
     assert overlay.visible and "15..17" in overlay.text
 
-    _go(qtbot, viewer, widget, case.key_slice)
+    go_to_slice(qtbot, viewer, widget.controller, case.key_slice)
     _draw(qtbot, viewer, widget, case.box)
     labels = _propagate(qtbot, viewer, widget)
-    zs = _slices(labels == 1)
+    zs = slices_of(labels == 1)
     assert zs and min(zs) >= 15 and max(zs) <= 17, f"labels only inside the z-range, got slices {zs}"
     assert 15 in zs and 17 in zs, "the object reaches both ends of its range"
     free = widget.controller.model.segment_volume(
         vol.array, case.box, case.key_slice, modality=widget.controller.modality
     )
-    assert any(z < 15 for z in _slices(free)), "without the range the propagation goes below 15 (the test can fail)"
+    assert any(z < 15 for z in slices_of(free)), "without the range the propagation goes below 15 (the test can fail)"
 
-    _key(qtbot, viewer, Qt.Key.Key_Backslash)
+    press(qtbot, viewer, Qt.Key.Key_Backslash)
     assert steer.z_range is None and not overlay.visible
     # a range that does not hold the box is refused with a message, nothing propagated
-    _go(qtbot, viewer, widget, 20)
-    _key(qtbot, viewer, Qt.Key.Key_BracketLeft)
+    go_to_slice(qtbot, viewer, widget.controller, 20)
+    press(qtbot, viewer, Qt.Key.Key_BracketLeft)
     before = widget.controller.propagation
     viewer.layers.selection.active = widget.controller.boxes
-    _key(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
+    press(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
     assert widget.controller.propagation is before
     assert any("does not hold" in t for t in said)
     widget.zclear_btn.click()
@@ -137,10 +103,10 @@ def test_two_key_slices_cover_both_and_match_ground_truth(mr_viewer, qtbot):
     viewer, widget, case, vol = mr_viewer
     c = widget.controller
     gt = case.ground_truth()
-    _go(qtbot, viewer, widget, case.key_slice)
+    go_to_slice(qtbot, viewer, widget.controller, case.key_slice)
     _draw(qtbot, viewer, widget, case.box)
-    _go(qtbot, viewer, widget, 12)
-    _key(qtbot, viewer, Qt.Key.Key_K)
+    go_to_slice(qtbot, viewer, widget.controller, 12)
+    press(qtbot, viewer, Qt.Key.Key_K)
     _draw(qtbot, viewer, widget, _gt_box(gt, 12))
     ids = c.boxes.features["label"].to_numpy().tolist()
     assert ids == [1, 1], "the box drawn after K joins the object"
@@ -149,7 +115,7 @@ def test_two_key_slices_cover_both_and_match_ground_truth(mr_viewer, qtbot):
     key_only = c.labels.data.copy()
 
     labels = _propagate(qtbot, viewer, widget)
-    zs = _slices(labels == 1)
+    zs = slices_of(labels == 1)
     assert 12 in zs and case.key_slice in zs and all(z in zs for z in range(12, case.key_slice + 1))
     two = dice(labels == 1, gt)
     one = dice(c.model.segment_volume(vol.array, case.box, case.key_slice, modality=c.modality), gt)
