@@ -18,11 +18,12 @@ small box, here in this worker, shown as busy), else the model's own decode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 
@@ -202,6 +203,17 @@ class LatestBoxDecoder:
                 self.dropped += 1
             return self._pick_locked()
 
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """``on_busy(True)`` / ``(False)`` around the enclosed wait (nobody is told after shutdown)."""
+        if not self._stop:
+            self.on_busy(True)
+        try:
+            yield
+        finally:
+            if not self._stop:
+                self.on_busy(False)
+
     def _answer(self, res: BoxResult) -> None:
         if not self._stop:  # after shutdown nobody listens (the owner may be gone)
             self.on_result(res)
@@ -213,13 +225,8 @@ class LatestBoxDecoder:
                 return
             try:
                 while not job.embedding.done():
-                    if not self._stop:
-                        self.on_busy(True)
-                    try:
+                    with self._busy():
                         job.embedding.exception()  # wait; errors are raised by _decode
-                    finally:
-                        if not self._stop:
-                            self.on_busy(False)
                     job = self._repick(job)
                 self._answer(self._decode(job))
             except CancelledError:  # the image changed under the box: nothing to answer
@@ -263,27 +270,17 @@ class LatestBoxDecoder:
         assert job.plane is not None
         plane = job.plane()
         w = crop_window(job.box, plane.shape[:2], ZOOM, ZOOM.contexts[len(ZOOM.contexts) // 2])
-        if not self._stop:
-            self.on_busy(True)
-        try:
+        with self._busy():
             emb, _ = encode_window(self.model, plane, w)
-        finally:
-            if not self._stop:
-                self.on_busy(False)
         mask, iou = decode_window(self.model, emb, w, job.box)
         pred = Prediction(mask[None], np.array([iou], np.float32), np.asarray([job.box], float))
         return BoxResult(job, pred, w, decode_s=time.perf_counter() - t0)
 
     def _zoom(self, job: BoxJob, emb, t0: float) -> BoxResult:
         """The zoom strategy for an accept; its crop encodes (if not cached) run here, shown as busy."""
-        if not self._stop:
-            self.on_busy(True)
-        try:
-            assert job.plane is not None
+        assert job.plane is not None
+        with self._busy():
             mask, info = segment_box(self.model, job.plane(), job.box, full_embedding=emb)
-        finally:
-            if not self._stop:
-                self.on_busy(False)
         iou = np.array([float(np.mean(info.iou)) if info.iou else 0.0], np.float32)
         pred = Prediction(mask[None], iou, np.asarray([job.box], float))
         return BoxResult(job, pred, None, decode_s=time.perf_counter() - t0, zoom=info)

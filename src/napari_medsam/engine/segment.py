@@ -179,11 +179,10 @@ class ImageSegmenter:
             if key not in self._u8:  # what MedSAM.embed / prepare convert the image to
                 self._u8[key] = model_input(self.image.array, "image", modality, win)
             rgb = self._u8[key]
-            if crops_only(self.model, rgb.shape):  # a slide: crops only
+            if crops_only(self.model, rgb.shape):  # a slide: no full view (it would see nothing at 256 px)
                 t0 = time.perf_counter()
-                mask, info = segment_box(self.model, rgb, b)  # no full view: it would see nothing at 256 px
-                used = validate.normalize_boxes(b, rgb.shape[:2])[0]
-                return Segmentation(mask, float(np.mean(info.iou)), 0.0, time.perf_counter() - t0, used)
+                mask, iou, used = self._decode(None, rgb, b)
+                return Segmentation(mask, iou, 0.0, time.perf_counter() - t0, used)
             emb, enc = self._embedding(key, lambda: self.model.embed_rgb(rgb))
             t0 = time.perf_counter()
             mask, iou, used = self._decode(emb, rgb, b)
@@ -209,11 +208,13 @@ class ImageSegmenter:
         mask[slice], iou, used = self._decode(emb, rgb, b)
         return Segmentation(mask, iou, enc, time.perf_counter() - t0, used)
 
-    def _decode(self, emb: Embedding, rgb: np.ndarray, box: Box) -> tuple[np.ndarray, float, np.ndarray]:
+    def _decode(self, emb: Embedding | None, rgb: np.ndarray, box: Box) -> tuple[np.ndarray, float, np.ndarray]:
         """(mask, predicted IoU, box as used) as ``MedSAM.segment(rgb, box=...)`` answers: LiteMedSAM
         not ``exact``: the zoom strategy (:func:`engine.zoom.segment_box`, crops encoded here, their
-        time in ``decode_s``); else (``--exact``, other models) one decode on the full view."""
+        time in ``decode_s``); else (``--exact``, other models) one decode on the full view.
+        ``emb`` None: no full view (:func:`crops_only`, a zoomed model)."""
         if not uses_zoom(self.model):
+            assert emb is not None  # crops_only holds for zoomed models only
             pred = self.model.predict(emb, box)
             return pred.masks[0], float(pred.iou[0]), pred.boxes[0]
         mask, info = segment_box(self.model, rgb, box, full_embedding=emb)
