@@ -114,10 +114,10 @@ def _done(c, before):
 @pytest.mark.gui
 def test_propagated_boxes_show_and_dragging_one_repropagates_outward(mr_viewer, qtbot):
     """Box on slice 16, Shift+P: each propagated slice shows its box (kind "propagated", cyan, on its
-    own slice). Resizing the second-lowest propagated box (real drag, live preview) re-segments its
-    slice and re-propagates downwards only: the slices up to the key slice keep their labels, those
-    below change; one Ctrl+Z restores labels and boxes, Ctrl+Shift+Z redoes. Deleting a propagated
-    box erases only its slice."""
+    own slice), streamed while the run goes on. Resizing the second-lowest propagated box (real drag,
+    live preview) re-segments its slice and re-propagates downwards only: the slices up to the key
+    slice keep their labels, those below change; one Ctrl+Z restores labels and boxes, Ctrl+Shift+Z
+    redoes. Deleting a propagated box erases only its slice."""
     viewer, widget, case = mr_viewer
     c = widget.controller
     go_to_slice(qtbot, viewer, c, case.key_slice)
@@ -126,13 +126,26 @@ def test_propagated_boxes_show_and_dragging_one_repropagates_outward(mr_viewer, 
     drag(viewer, c.image, (y0, x0), (y1, x1), steps=8)
     qtbot.waitUntil(lambda: c.stats["accepts"] > n, timeout=60_000)
     viewer.layers.selection.active = c.boxes
+    streamed: list[int] = []  # propagated boxes on the layer each time a slice's mask is written
+    report = c.report
+
+    def spy(text: str) -> None:
+        if text.startswith("propagating label"):
+            streamed.append(len(_boxes(c, "propagated")))
+        report(text)
+
+    c.report = spy
     press(qtbot, viewer, Qt.Key.Key_P, Qt.KeyboardModifier.ShiftModifier)
     qtbot.waitUntil(lambda: _done(c, None), timeout=600_000)
+    c.report = report
     assert c.propagation.error is None
     labels = c.labels.data
     zs = slices_of(labels == 1)
     prop = _boxes(c, "propagated")
     assert sorted(prop) == [z for z in zs if z != case.key_slice], (sorted(prop), zs)
+    # streamed: the first written slice shows its box at once, the rest follow while the run goes on
+    assert streamed and streamed[0] >= 1 and streamed[0] < len(prop), streamed
+    assert streamed == sorted(streamed), streamed
     assert sorted(_boxes(c, "key")) == [case.key_slice]
     trace = {r["z"]: r["box"] for r in c.propagation.stats["slices"]}
     for z, (i, box) in prop.items():

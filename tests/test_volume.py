@@ -14,6 +14,7 @@ Two kinds of model:
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,7 @@ def _box_of(mask2d):
 def test_stops_where_object_ends_and_encodes_each_slice_once():
     truth = _ball()  # slices 10..20
     model = FakeModel(truth)
-    seen = []
+    seen, records, order = [], [], []
     stats = {}
     only_empty = StopRule(min_area_ratio=0.0, min_iou=0.0)  # the ball's tips are single pixels
     mask = segment_volume(
@@ -110,10 +111,15 @@ def test_stops_where_object_ends_and_encodes_each_slice_once():
         15,
         modality="uint8",
         stop=only_empty,
-        on_slice=lambda z, m: seen.append((z, m.copy())),
+        on_slice=lambda z, m: (seen.append((z, m.copy())), order.append(("slice", z))),
+        on_record=lambda r: (records.append(r), order.append(("record", r.z))),
         stats=stats,
     )
     assert mask.dtype == bool and mask.shape == truth.shape
+    # on_record: every slice's record as it comes (kept or not), each before that slice's on_slice
+    assert [asdict(r) for r in records] == stats["slices"]
+    for z, _ in seen:
+        assert order.index(("record", z)) < order.index(("slice", z))
     assert dice(mask, truth) == 1.0
     assert stats["z_extent"] == (10, 20)
     assert stats["stopped"] == {"up": "empty", "down": "empty"}

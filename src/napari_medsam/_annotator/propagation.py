@@ -6,8 +6,9 @@ signal, so the GUI thread does the writing); the whole run is one undo step;
 annotator only through :class:`AnnotatorPort` (it never imports the annotator),
 and it reads the volume from a snapshot taken in the GUI thread when it was
 made: switching the image or its intensity meanwhile cannot change what it
-segments, and a re-attach that replaces the labels ends its writing. When it
-ends, every slice it wrote shows its box on the boxes layer (:mod:`.steer_boxes`),
+segments, and a re-attach that replaces the labels ends its writing. Every slice
+it writes shows its box on the boxes layer as it comes (:mod:`.steer_boxes`; the
+layer is redrawn at most every :data:`BOX_REFRESH_S` and once more at the end), all
 in the same undo step.
 """
 
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +33,8 @@ from .threads import start_worker
 log = logging.getLogger(__name__)
 #: the volume to segment, its modality and window: called once, in the worker thread
 VolumeSource = Callable[[], tuple[np.ndarray, str, tuple[float, float] | None]]
+#: the boxes layer takes the streamed propagated boxes at most this often (seconds)
+BOX_REFRESH_S = 0.25
 
 
 class AnnotatorPort(Protocol):
@@ -99,6 +104,8 @@ class Propagation:
         self.skip = {self.z} if skip is None else {int(k) for k in skip}
         self.owned, self.merge, self.name = owned, merge, name
         self.stats: dict[str, Any] = {}  # segment_volume's trace: each slice's box
+        self._records: list[dict] = []  # the same trace as it comes (appended by the worker)
+        self._boxes_shown = -1.0  # when the boxes layer last took the streamed boxes
         self.done = threading.Event()
         self.slices = 0
         self.error: BaseException | None = None
@@ -132,6 +139,7 @@ class Propagation:
                 modality=modality,
                 window=window,
                 on_slice=lambda z, m: self._signals.slice_done.emit((z, m)),
+                on_record=lambda r: self._records.append(asdict(r)),
                 cancel=self.cancel_event,
                 stats=self.stats,
                 **self.options,
@@ -157,14 +165,18 @@ class Propagation:
         self.patches.append(apply_mask(labels, region, mask[sub][None], self.label_id))
         self.slices += 1
         self.port.labels.refresh()
+        now = time.monotonic()
+        if now - self._boxes_shown >= BOX_REFRESH_S:  # the first at once, then throttled
+            self._boxes_shown = now
+            self._show_boxes(list(self._records))
         self.port.report(f"propagating label {self.label_id}: slice {z} ({self.slices} done)")
 
-    def _show_boxes(self) -> bool:
+    def _show_boxes(self, records: list[dict]) -> bool:
         """Each slice written gets its box (kind ``propagated``); True if the boxes changed."""
         boxes = self.port.boxes
         if boxes is None or boxes.ndim != 3:
             return False
-        written = propagated_boxes(self.stats.get("slices", []), self.skip)
+        written = propagated_boxes(records, self.skip)
         lo, hi = self.owned if self.owned is not None else (1, 0)
         before = boxes_state(boxes)
         after = with_propagated(before, self.label_id, written, lambda z: lo <= z <= hi)
@@ -182,7 +194,8 @@ class Propagation:
         else:
             state = "cancelled" if self.cancel_event.is_set() else "done"
             self.port.report(f"propagation {state}: label {self.label_id} on {self.slices + 1} slices")
-        boxes_changed = self._writing() and self.error is None and self._show_boxes()
+        boxes_changed = self._writing() and self.error is None and self._show_boxes(self.stats.get("slices", []))
+        boxes_changed = boxes_changed or self._boxes_shown >= 0  # streamed boxes are in this step too
         if (self.patches or boxes_changed or self.merge is not None) and self._writing():
             if self.merge is not None:
                 self.port.history.merge_next(self.merge)

@@ -45,6 +45,7 @@ def propagate(
     stop: StopRule | None = None,
     margin: float | None = None,
     on_slice: Callable[[int, np.ndarray], None] | None = None,
+    on_record: Callable[[SliceRecord], None] | None = None,
     cancel: threading.Event | None = None,
     volume_u8: np.ndarray | None = None,
 ) -> PropagationResult:
@@ -64,6 +65,9 @@ def propagate(
         stop: :class:`StopRule` (default :data:`DEFAULT_STOP`; ``StopRule.never()`` = authors).
         margin: chaining margin in model-input pixels (default 3 at 256, 5 at 1024).
         on_slice: called as ``on_slice(z, mask2d)`` after each kept slice.
+        on_record: called as ``on_record(record)`` with each slice's :class:`SliceRecord`
+            (its box, area, predicted IoU, kept or not) as soon as the slice is decoded,
+            before ``on_slice`` for that slice (a viewer shows each slice's box as it comes).
         cancel: a ``threading.Event``; checked before each slice. When set, the
             result holds what was done and ``cancelled`` is True (no exception).
         volume_u8: the volume already converted (skips the conversion; for callers
@@ -75,6 +79,8 @@ def propagate(
         raise OptionTypeError(f"stop must be a StopRule, got {type(stop).__name__}")
     if on_slice is not None and not callable(on_slice):
         raise OptionTypeError(f"on_slice must be callable as on_slice(z, mask), got {type(on_slice).__name__}")
+    if on_record is not None and not callable(on_record):
+        raise OptionTypeError(f"on_record must be callable as on_record(record), got {type(on_record).__name__}")
     if cancel is not None and not callable(getattr(cancel, "is_set", None)):
         raise OptionTypeError(f"cancel must be a threading.Event (anything with is_set()), got {type(cancel).__name__}")
     if volume_u8 is None:
@@ -142,6 +148,11 @@ def propagate(
     def cancelled() -> bool:
         return cancel is not None and cancel.is_set()
 
+    def record(r: SliceRecord) -> None:
+        result.slices.append(r)
+        if on_record is not None:
+            on_record(r)
+
     def keep(z: int, m: np.ndarray) -> None:
         result.mask[z] = m
         if on_slice is not None:
@@ -155,7 +166,7 @@ def propagate(
         return result
     key_box = interpolate_boxes(anchors, slice)
     m, iou, area, mean = run(slice, key_box)
-    result.slices.append(
+    record(
         SliceRecord(
             slice,
             "key",
@@ -212,7 +223,7 @@ def propagate(
             if not stop.stop_on_empty and area < max(int(stop.min_pixels), 1):
                 mz = np.zeros_like(mz)
                 area = 0
-            result.slices.append(SliceRecord(z, d, prompt, _box4(b), area, iou, mean, kept, reason))
+            record(SliceRecord(z, d, prompt, _box4(b), area, iou, mean, kept, reason))
             if kept:
                 keep(z, mz)
             if reason is not None:
@@ -236,6 +247,7 @@ class VolumeOptions(TypedDict, total=False):
     stop: StopRule | None
     margin: float | None
     on_slice: Callable[[int, np.ndarray], None] | None
+    on_record: Callable[[SliceRecord], None] | None
     cancel: threading.Event | None
     volume_u8: np.ndarray | None
 
