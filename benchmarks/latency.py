@@ -49,13 +49,15 @@ def bench_first_mask(n_pairs=4):
 
     A LabelingSession over a folder of real images; the model uses the session's embedding cache as the
     session widget does. Image 2k is opened cold; while the user works on it for one encoder time, image
-    2k+1 is prefetched by the plugin's EncoderService (``prefetch([()], Source(...))``, as
-    ``_session_widget._prefetch_next``); then Next. First preview = the full-view decode a drag shows;
+    2k+1 is prefetched by the plugin's EncoderService through its ``Prefetch.image`` (as
+    ``_session_widget._prefetch_next``: the encode, then the decoder's per-image state); then Next. First preview = the full-view decode a drag shows;
     first accepted mask = ``engine.zoom.segment_box`` (the default accept, incl. its crop encodes).
     Authors: read + encode + decode for every image (they have no prefetch).
     """
     from napari_medsam import MedSAM
+    from napari_medsam._annotator.decoding import LatestBoxDecoder
     from napari_medsam._annotator.encoding import EncoderService, Source
+    from napari_medsam._annotator.prefetch import Prefetch
     from napari_medsam.engine.session import LabelingSession
     from napari_medsam.engine.zoom import segment_box
     from run import authors_decode, authors_encode
@@ -75,6 +77,8 @@ def bench_first_mask(n_pairs=4):
         exact = MedSAM.load("litemedsam", device="cpu", exact=True)
         model.cache = session.embedding_cache(max_bytes=model.cache.max_bytes)
         encoder = EncoderService(model)
+        decoder = LatestBoxDecoder(model, on_result=lambda r: None)
+        prefetch = Prefetch(encoder, decoder, on_progress=lambda d, t: None)  # the session widget's
         rows = {k: [] for k in ("cold_prev", "cold_acc", "next_prev", "next_acc", "authors", "enc_wait")}
 
         def source_of(img):
@@ -115,13 +119,14 @@ def bench_first_mask(n_pairs=4):
             # the user works on image i for one encoder time; the session prefetches image i+1
             t_enc = model.last_encode_s or 0.7
             nxt = session.read(i + 1)
-            encoder.prefetch([()], source_of(nxt))
+            prefetch.image(source_of(nxt))  # encode + the decoder's per-image state
             time.sleep(t_enc)
             session.next()
             rgb, box = first_mask(i + 1, "next")
             authors(i + 1, rgb, box)
         encoder.shutdown()
         encoder.join(30)
+        decoder.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     a = _ms(rows["authors"])

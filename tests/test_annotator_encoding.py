@@ -218,3 +218,39 @@ def test_prefetch_policy_outward_budget_and_quiet(lite):
     finally:
         svc.shutdown()
         dec.shutdown()
+
+
+def test_prefetched_next_image_gets_its_decoder_state_before_the_first_box(lite_default, images):
+    """``Prefetch.image`` (a session's next image): after the background encode the fused decoder's
+    per-image state is made too, so after Next the first box is one decode; its mask is the one a
+    cold decode gives."""
+    from concurrent.futures import wait
+
+    from napari_medsam._annotator.decoding import LatestBoxDecoder
+    from napari_medsam._annotator.prefetch import Prefetch
+
+    states = lite_default.fast.decoder._states
+    lite_default.cache.clear()
+    lite_default.fast.decoder.clear()
+    svc = EncoderService(lite_default)
+    dec = LatestBoxDecoder(lite_default, lambda r: None)
+    try:
+        pf = Prefetch(svc, dec, lambda *a: None)
+        svc.set_source(Source(images[0], rgb=False))
+        (bg,) = pf.image(Source(images[1], rgb=False))
+        wait([bg], WAIT_S)
+        emb = bg.result()
+        key = (emb.key, emb.features.dtype)
+        deadline = time.monotonic() + WAIT_S  # the callback runs in the worker just after the result
+        while key not in states and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert key in states, "the next image's decoder state was made with its prefetch"
+        box = (200, 150, 330, 260)
+        warm = lite_default.predict(emb, box)
+        lite_default.fast.decoder.clear()
+        cold = lite_default.predict(emb, box)
+        assert warm.masks.any() and (warm.masks == cold.masks).all()
+        np.testing.assert_allclose(warm.iou, cold.iou, rtol=1e-6)
+    finally:
+        svc.shutdown()
+        dec.shutdown()

@@ -86,3 +86,21 @@ def test_child_that_cannot_load_says_why_and_close_is_quick(fused, tmp_path):
     starting.close()  # while the child is still importing torch
     assert time.perf_counter() - t < 10
     assert not starting.wait_ready(60) and starting._proc is None
+
+
+def test_embedding_sent_ahead_is_used_by_the_first_box(fused, child, samples):
+    """``send`` hands a prefetched plane to the child before any box (it warms its decoder then);
+    the first box does not send it again and gets the in-process mask. Not ready: nothing sent."""
+    case = [c for c in load_cases(samples) if c.dims == 2][6]
+    emb = fused.embed(_image(case))
+    assert not DecoderProcess(fused, fast=PREVIEW_FAST, start=False).send(emb)
+    assert child.send(emb)
+    assert list(child._sent)[-1] == emb.key
+    region = preview_region(case.box, emb.original_size)
+    before = next(child._ids)  # frame ids: one per frame sent
+    there = child.predict(emb, case.box, region)
+    assert next(child._ids) - before == 2, "one frame (the box): the child had the embedding"
+    here = fused.predict(emb, case.box, region=region)
+    assert here.masks.any() and (here.masks == there.masks).all()
+    fused.warm(emb)  # in-process: the fused decoder's state, memoised by the cache key
+    assert (emb.key, emb.features.dtype) in fused.fast.decoder._states

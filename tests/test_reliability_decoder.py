@@ -183,7 +183,7 @@ def test_start_is_once_under_races(lite, monkeypatch):
 
 
 # -- faulty children ------------------------------------------------------------------------
-_SETUP = dp._BOOT.split("from napari_medsam.engine.decoder_process import serve")[0]
+_SETUP = dp._BOOT.split("from napari_medsam.engine.decoder_child import serve")[0]
 
 _FAKE = """
 import time, numpy as np

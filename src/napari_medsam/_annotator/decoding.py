@@ -139,6 +139,18 @@ class LatestBoxDecoder:
         with self._cv:
             return self._idle_locked()
 
+    def warm(self, embedding) -> None:
+        """Make ``embedding``'s decoder state before its first box (any thread): in-process, and in
+        the preview child once it runs (a prefetched next image answers its first box at once)."""
+        if embedding is None:  # a slide: no full view
+            return
+        try:
+            self.model.warm(embedding)
+            if self.remote is not None:
+                self.remote.send(embedding)
+        except Exception:  # only a head start: the first box does it anyway
+            log.debug("warming the decoder failed", exc_info=True)
+
     def when_idle(self) -> Future:
         """A future resolved (worker thread) once every job so far has been answered."""
         fut: Future = Future()

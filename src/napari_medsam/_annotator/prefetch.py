@@ -71,5 +71,14 @@ class Prefetch:
         self.encoder.prefetch([(*index[:-1], z) for z in order[3:n]])
 
     def image(self, source) -> list:
-        """Encode another (2D) image in the background, e.g. the next one of a session."""
-        return self.encoder.prefetch([()], source)
+        """Encode another (2D) image in the background, e.g. the next one of a session; the decoder
+        (in-process and the preview child) makes its per-image state then too, so after Next the
+        first box is one decode."""
+        futures = self.encoder.prefetch([()], source)
+        for fut in futures:
+            fut.add_done_callback(self._warm)
+        return futures
+
+    def _warm(self, fut) -> None:  # the encoder's worker thread, right after the encode
+        if not fut.cancelled() and fut.exception() is None:
+            self.decoder.warm(fut.result())

@@ -25,7 +25,7 @@ The channel (tested in ``tests/test_decoder_process.py``):
 Messages::
 
     -> ("load", name, checkpoint, fast)        <- ("ready",) | ("error", text)
-    -> ("embed", key, features, original_size, resized)      (no answer)
+    -> ("embed", key, features, original_size, resized)      (no answer; the child warms its decoder)
     -> ("predict", key, box, region)           <- ("ok", masks, iou, boxes, seconds)
                                                  | ("rejected", text)   a bad box: ValueError
                                                  | ("missing", key)     embedding not held: resend
@@ -53,18 +53,16 @@ from .decoder_channel import (
     KEY_BYTES,
     ProtocolError,
     check_answer,
-    read_exact,
     receive_frame,
     send_frame,
     write_all,
 )
-from .errors import MedSAMError
+from .decoder_child import BOOT as _BOOT
+from .decoder_child import KEEP
 from .predictor import MedSAM, Prediction
 
 log = logging.getLogger(__name__)
 
-#: embeddings the child keeps (a plane and its neighbours); the parent mirrors the LRU
-KEEP = 4
 #: seconds the child has to import torch, load the model and say ready
 START_TIMEOUT_S = 180.0
 #: seconds one answer may take before the child is taken for hung
@@ -262,17 +260,35 @@ class DecoderProcess:
             raise ValueError(reply[1])
         raise DecoderUnavailable(f"decoder process could not decode: {reply[-1]}")
 
-    def _ask(self, embedding: Embedding, key: str, box: Any, region: Any, shape: tuple) -> tuple:
+    def send(self, embedding: Embedding) -> bool:
+        """Hand ``embedding`` to the child before its first box (the child makes its decoder state
+        then: a prefetched next image); False if the child is not ready (the first box sends it)."""
+        with self._lock:
+            if not self.ready or self._fds is None:
+                return False
+            try:
+                self._send_locked(embedding, _embedding_key(embedding))
+                return True
+            except (OSError, ValueError, ProtocolError) as exc:  # a broken pipe: the child is gone
+                self.error = f"decoder process stopped: {type(exc).__name__}: {exc}"
+                self._kill_locked()
+                return False
+
+    def _send_locked(self, embedding: Embedding, key: str) -> None:
         assert self._fds is not None
         if key in self._sent:
             self._sent.move_to_end(key)
-        else:
-            feats = embedding.features.detach().to("cpu", torch.float32).numpy()
-            message = ("embed", key, feats, tuple(embedding.original_size), tuple(embedding.resized))
-            send_frame(self._fds[0], self._key, next(self._ids), message)
-            self._sent[key] = None
-            while len(self._sent) > KEEP:
-                self._sent.popitem(last=False)
+            return
+        feats = embedding.features.detach().to("cpu", torch.float32).numpy()
+        message = ("embed", key, feats, tuple(embedding.original_size), tuple(embedding.resized))
+        send_frame(self._fds[0], self._key, next(self._ids), message)
+        self._sent[key] = None
+        while len(self._sent) > KEEP:
+            self._sent.popitem(last=False)
+
+    def _ask(self, embedding: Embedding, key: str, box: Any, region: Any, shape: tuple) -> tuple:
+        assert self._fds is not None
+        self._send_locked(embedding, key)
         request = ("predict", key, tuple(float(v) for v in box), region)
         return self._request(request, "predict", self.answer_timeout, shape, key)
 
@@ -336,63 +352,3 @@ def _tail(log_file: IO[bytes]) -> str:
     except (OSError, ValueError) as exc:
         log.debug("decoder process: cannot read its log: %s", exc)
         return ""
-
-
-#: the child's first lines: the answer channel is a pipe of its own; stdout joins stderr
-#: before anything is imported, so stray prints go to the log
-_BOOT = (
-    "import os, sys\n"
-    "if sys.argv[1] == 'stdio':\n"
-    "    req, ans = os.dup(0), os.dup(1)\n"
-    "else:\n"
-    "    req, ans = int(sys.argv[1]), int(sys.argv[2])\n"
-    "os.dup2(2, 1)\n"
-    "os.set_inheritable(req, False)\n"
-    "os.set_inheritable(ans, False)\n"
-    "from napari_medsam.engine.decoder_process import serve\n"
-    "serve(req, ans)\n"
-)
-
-
-def serve(req: int, ans: int) -> None:
-    """The child's loop: read the key, load, then answer until end of input."""
-    torch.set_num_threads(1)
-    try:
-        key = read_exact(req, KEY_BYTES)
-    except EOFError:
-        return
-    model = None
-    planes: OrderedDict[str, Embedding] = OrderedDict()
-    while True:
-        try:
-            rid, msg = receive_frame(req, key)
-        except (EOFError, ProtocolError, OSError):
-            return
-        kind = msg[0]
-        try:
-            if kind == "load":
-                _, name, checkpoint, fast = msg
-                model = MedSAM.load(name, device="cpu", checkpoint=checkpoint, fast=fast)
-                send_frame(ans, key, rid, ("ready",))
-            elif kind == "embed":
-                _, ekey, feats, original, resized = msg
-                assert model is not None
-                planes[ekey] = Embedding(torch.from_numpy(feats), tuple(original), tuple(resized), model.name, ekey)
-                while len(planes) > KEEP:
-                    planes.popitem(last=False)
-            elif kind == "predict":
-                _, ekey, box, region = msg
-                if ekey not in planes:
-                    send_frame(ans, key, rid, ("missing", ekey))
-                    continue
-                planes.move_to_end(ekey)  # the same LRU order as the parent's record of what was sent
-                assert model is not None
-                pred = model.predict(planes[ekey], box, region=region)
-                reply = ("ok", pred.masks, pred.iou, pred.boxes, float(model.last_decode_s))
-                send_frame(ans, key, rid, reply)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, the child keeps serving
-            text = f"{type(exc).__name__}: {exc}"
-            if kind == "predict" and isinstance(exc, MedSAMError | ValueError):
-                send_frame(ans, key, rid, ("rejected", text))
-            elif kind in ("load", "predict"):
-                send_frame(ans, key, rid, ("error", text))

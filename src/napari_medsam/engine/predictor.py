@@ -287,6 +287,15 @@ class MedSAM:
         self.last_decode_s = time.perf_counter() - t0
         return Prediction(masks.cpu().numpy(), iou[:, 0].float().cpu().numpy(), boxes)
 
+    def warm(self, embedding: Embedding) -> None:
+        """Make the fused decoder's per-image state of ``embedding`` now (memoised by its cache key),
+        so the first box on it costs one decode: a session's next image, prefetched while the user
+        works, answers its first box after Next without it (no-op on the authors' decoder)."""
+        dec = self.fast.decoder if self.fast is not None else None
+        if dec is not None and embedding.key and embedding.model == self.name:
+            with torch.inference_mode():
+                dec.image_state(embedding.features, embedding.key)
+
     def segment(
         self, image_or_embedding: Any, box: BoxLike | None = None, boxes: BoxLike | None = None, **embed_kwargs: Any
     ) -> np.ndarray:
