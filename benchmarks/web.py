@@ -77,6 +77,13 @@ def browser_drag(url, runs, threads, workers=None):
                     "latency_p95_ms": pct(lat, 0.95),
                     "decode_p50_ms": pct(st["decode_ms"], 0.5),
                     "decode_p95_ms": pct(st["decode_ms"], 0.95),
+                    # where a preview's time goes (p50 / p95): waiting for the decoder, result -> frame,
+                    # mask painting, canvas draw
+                    **{
+                        f"{k}_p50_p95": (pct(st[k], 0.5), pct(st[k], 0.95))
+                        for k in ("queue_ms", "frame_ms", "mask_ms", "draw_ms")
+                        if st.get(k)
+                    },
                 }
             )
         br.close()

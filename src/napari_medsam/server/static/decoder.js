@@ -109,14 +109,21 @@ function paintJob(job, res) {
   return new Promise((done) => requestAnimationFrame(() => {
     if (job.id === S.dragId && S.drag && job.seq > S.paintedSeq) {
       S.paintedSeq = job.seq;
+      const t0 = performance.now();
       if (res.logits) paintLogits(res.logits, res.size, res.region); else paintBits(res.bits);
+      const t1 = performance.now();
       draw();
-      M.stats.previews++; M.stats.latency_ms.push(performance.now() - job.t);
+      const t2 = performance.now();
+      M.stats.previews++; M.stats.latency_ms.push(t2 - job.t);
+      // where a preview's time goes: waiting for a free decoder, result -> frame, mask, canvas
+      push("queue_ms", (job.started || job.t) - job.t); push("frame_ms", t0 - (job.back || t0));
+      push("mask_ms", t1 - t0); push("draw_ms", t2 - t1);
     }
     done();
   }));
 }
 
+const push = (k, v) => { (M.stats[k] = M.stats[k] || []).push(v); };
 export function requestPreview(box, tEvent) {
   M.stats.moves++;
   if (M.stats.handler_ms) M.stats.handler_ms.push(performance.now() - tEvent); else M.stats.handler_ms = [performance.now() - tEvent];
@@ -130,10 +137,10 @@ function dispatch() {
     if (!S.pending || !S.emb) return;
     if (w.busy) continue;
     const job = S.pending, e = S.emb, r = e.inputSize / Math.max(e.H, e.W);
-    S.pending = null; w.busy = true;
+    S.pending = null; w.busy = true; job.started = performance.now();
     const b = new Float32Array(job.box.map((v) => Math.trunc(v * r)));
     w.ask({ type: "decode", seq: job.seq, box: b }, `logits:${job.seq}`).then((res) => {
-      w.busy = false;
+      w.busy = false; job.back = performance.now();
       dispatch(); // the next box goes to the worker now, not after this one is painted
       if (res.ok === false) throw new Error(res.error);
       M.stats.decode_ms.push(res.ms);
