@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_medsam.engine.intensity import convert, gray_to_rgb
+from napari_medsam.engine.lazy import LazyU8, as_rgb, large_planes, lazy_planes
 from napari_medsam.engine.segment import crops_only
 
 from .constants import EncoderState, Priority
@@ -61,8 +62,14 @@ class Snapshot:
     source: Source
 
 
-def model_input(source: Source) -> np.ndarray:
-    """The whole source as the model sees it: uint8, (..., H, W) or (..., H, W, 3); bad data raises ImageError."""
+def model_input(source: Source) -> np.ndarray | LazyU8:
+    """The whole source as the model sees it: uint8, (..., H, W) or (..., H, W, 3); bad data raises ImageError.
+
+    Planes of a slide (a side over the zoom's ``large_side``) stay lazy: a :class:`LazyU8` reads and
+    converts the crops the boxes need, so a dask- or zarr-backed layer is never loaded whole.
+    """
+    if large_planes(source.data, source.rgb, source.channels):
+        return lazy_planes(source.data, source.modality, source.window, rgb=source.rgb, channels=source.channels)
     out = convert(source.data, "planes", source.modality, source.window, rgb=source.rgb, channels=source.channels)
     return out.pixels
 
@@ -81,7 +88,7 @@ class EncoderService:
         self.model = model
         self.on_state = on_state or (lambda *_: None)
         self._snapshot: Snapshot | None = None
-        self._u8: tuple[int, np.ndarray | None] = (0, None)
+        self._u8: tuple[int, np.ndarray | LazyU8 | None] = (0, None)
         self._version = 0
         self._futures: dict[tuple[int, Index], Future] = {}
         self._heap: list = []
@@ -187,7 +194,7 @@ class EncoderService:
         return not self._thread.is_alive()
 
     # -- any thread ---------------------------------------------------------------
-    def model_input(self, snapshot: Snapshot | None = None) -> np.ndarray:
+    def model_input(self, snapshot: Snapshot | None = None) -> np.ndarray | LazyU8:
         """:func:`model_input` of ``snapshot`` (default: the current source), computed once per version."""
         snap = snapshot or self.snapshot()
         with self._cv:
@@ -200,9 +207,13 @@ class EncoderService:
                 self._u8 = (snap.version, u8)
         return u8
 
-    def plane(self, index: Index, snapshot: Snapshot | None = None) -> np.ndarray:
-        """The (H, W, 3) uint8 plane ``index`` of ``snapshot`` as the model sees it."""
-        plane = self.model_input(snapshot)[tuple(index)]
+    def plane(self, index: Index, snapshot: Snapshot | None = None) -> np.ndarray | LazyU8:
+        """The (H, W, 3) uint8 plane ``index`` of ``snapshot`` as the model sees it (a slide's: lazy,
+        (H, W) or (H, W, 3), read crop by crop)."""
+        u8 = self.model_input(snapshot)
+        if isinstance(u8, LazyU8):
+            return u8.plane(index)
+        plane = u8[tuple(index)]
         return plane if plane.ndim == 3 else gray_to_rgb(plane)
 
     # -- worker -----------------------------------------------------------------
@@ -241,7 +252,7 @@ class EncoderService:
                 if crops_only(self.model, plane.shape):  # a slide: no full view (boxes encode their crops)
                     emb, encoded = None, False
                 else:
-                    emb, encoded = self.model.embed_rgb_status(plane)
+                    emb, encoded = self.model.embed_rgb_status(as_rgb(plane) if isinstance(plane, LazyU8) else plane)
                 self.encoded += encoded
                 fut.set_result(emb)
                 if background:
