@@ -1,5 +1,5 @@
 """A slide as a dask-backed layer stays lazy: the plugin reads only the regions around the box
-(and, for 16-bit data, streams the slide once, chunk by chunk, for the intensity rule's
+(and, for 16-bit data, streams the slide once, a few chunks at a time, for the intensity rule's
 statistics), never holding the whole slide (a real viewer, the real model, real mouse events;
 every read of the slide is recorded with its thread; napari's own display reads are not ours)."""
 
@@ -132,7 +132,7 @@ def test_8bit_dask_slide_reads_only_around_the_box(make_napari_viewer, qtbot, nu
 
 
 def test_16bit_dask_slide_streams_its_statistics(make_napari_viewer, qtbot, nuclei):
-    """16-bit data: the percentile rule's statistics are exact, from value counts streamed one chunk
+    """16-bit data: the percentile rule's statistics are exact, from value counts streamed a few chunks
     at a time by the encoder thread; the boxes' crops are read by the decoder thread, near the box."""
     case, raw = nuclei
     tile = raw.astype(np.uint16) * 250  # a 16-bit fluorescence slide: the percentile rule
@@ -143,6 +143,6 @@ def test_16bit_dask_slide_streams_its_statistics(make_napari_viewer, qtbot, nucl
     lo, hi = np.percentile(tile[tile > 0].astype(np.float64), [0.5, 99.5])  # the mosaic's: its tile's
     assert (u8.scalings[0].low, u8.scalings[0].high) == (lo, hi)
     ours = [(t, w) for t, w in log if t.startswith("medsam")]
-    assert all(y1 - y0 <= tile.shape[0] and x1 - x0 <= tile.shape[1] for _, (y0, y1, x0, x1) in ours), "chunk by chunk"
+    assert all(y1 - y0 <= tile.shape[0] and x1 - x0 <= tile.shape[1] for _, (y0, y1, x0, x1) in ours), "whole chunks"
     crops = read_by_plugin([(t, w) for t, w in ours if t == "medsam-decoder"], big.shape)
     assert crops.any() and not near(crops, box, 512).any(), "the boxes' crops lie within 512 px of the box"

@@ -10,7 +10,7 @@ rule the whole-image conversion (:func:`~napari_medsam.engine.intensity.convert`
 
 The rule's statistics (the CT window's reach, the MR percentiles, the RGB min-max) come
 from :mod:`.lazy_stats`: exact for in-memory arrays and for integer slides of up to 16 bits
-(value counts streamed chunk by chunk), else from windows sampled over the slide; the
+(value counts streamed a few chunks at a time), else from windows sampled over the slide; the
 slide is never loaded whole. 8-bit data needs no statistics: it is read as it is.
 """
 

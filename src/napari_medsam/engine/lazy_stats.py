@@ -4,7 +4,7 @@
 :func:`~napari_medsam.engine.intensity.convert` would use for the whole array, computed
 
 * over all of it, when it is an in-memory numpy array (exactly ``convert``'s numbers);
-* from its value counts, streamed one storage chunk at a time, for integer data of up to
+* from its value counts, streamed a few storage chunks at a time, for integer data of up to
   16 bits and up to :data:`STREAM_PIXELS` pixels: exact too (min, max and numpy's linear
   percentiles are recovered from the counts), memory bounded by one chunk;
 * from a sample of windows spread over the slide (:func:`sample`, each window inside one
@@ -32,6 +32,7 @@ STREAM_PIXELS = 1 << 28
 GRID, TILE, PLANES, DENSE = 12, 128, 4, 32
 BLOCK = 1024  # streaming step along an axis without storage chunks
 _MIN_POSITIVE = 1000  # pixels above 0 the percentile rule wants in a sample
+_PIECE = 1 << 22  # values counted at once
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,10 @@ class Counts:
         self.counts = np.zeros(int(info.max) - int(info.min) + 1, np.int64)
 
     def add(self, block: Any) -> None:
-        arr = np.asarray(block).ravel()
-        self.counts += np.bincount(arr.astype(np.int64) - self.offset, minlength=self.counts.size)
+        flat = np.asarray(block).ravel()
+        for i in range(0, flat.size, _PIECE):  # bounded temporaries, whatever the chunk size
+            piece = flat[i : i + _PIECE].astype(np.int64) - self.offset
+            self.counts += np.bincount(piece, minlength=self.counts.size)
 
     def extremes(self) -> tuple[int, int]:
         nz = np.flatnonzero(self.counts)
@@ -155,9 +158,15 @@ def _chunk_starts(data: Any, axis: int) -> list[int]:
     return [int(v) for v in np.cumsum([0, *sizes[:-1]])]
 
 
-def _spans(data: Any, axis: int) -> list[slice]:
-    starts = _chunk_starts(data, axis)
-    return [slice(a, b) for a, b in zip(starts, [*starts[1:], int(data.shape[axis])], strict=True)]
+def _spans(data: Any, axis: int, side: int = 2 * BLOCK) -> list[slice]:
+    """Consecutive whole chunks along ``axis`` merged into spans of about ``side`` pixels (fewer reads)."""
+    n = int(data.shape[axis])
+    out, start = [], 0
+    for stop in [*_chunk_starts(data, axis)[1:], n]:
+        if stop - start >= side or stop == n:
+            out.append(slice(start, stop))
+            start = stop
+    return out
 
 
 def _axis_windows(data: Any, axis: int, grid: int, tile: int) -> list[slice]:
@@ -211,7 +220,7 @@ def sample(data: Any, spatial: tuple[int, int], grid: int = GRID, tile: int = TI
 
 
 def counts(data: Any, spatial: tuple[int, int]) -> Counts:
-    """The value counts of all of ``data``, read one storage chunk (or BLOCK x BLOCK window) at a time."""
+    """The value counts of all of ``data``, read a few whole storage chunks (about 2 BLOCK px a side) at a time."""
     sy, sx, _, _ = _layout(data, spatial)
     out = Counts(np.dtype(data.dtype))
     for block in _windows(data, spatial, _spans(data, sy), _spans(data, sx), None):
