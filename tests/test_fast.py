@@ -124,10 +124,15 @@ def _decoder_dices(lite, items, variant, region=False):
     return np.asarray(ds)
 
 
+@pytest.mark.parametrize("decoder", ["fused", "onnx"])
 @pytest.mark.parametrize("kind", ["auto", "full", "region"])
-def test_fused_decoder_matches_default(lite, dataset, kind):
-    """Fused decoder (cached per-image work, low-rank attention, windowed upscaling) on default embeddings."""
-    v = _facade(lite, encoder=None, decoder="fused", auto_region=kind != "full")
+def test_fused_decoder_matches_default(lite, dataset, kind, decoder):
+    """Fused decoder (cached per-image work, low-rank attention, windowed upscaling) on default
+    embeddings; ``onnx``: the same maths as two ONNX Runtime graphs (engine/fast/onnx_decoder.py)."""
+    if decoder == "onnx" and not F.have_onnxruntime():
+        pytest.skip("onnxruntime not installed")
+    v = _facade(lite, encoder=None, decoder=decoder, auto_region=kind != "full")
+    assert v.fast.decoder_kind == decoder
     d = _decoder_dices(lite, dataset, v, region=kind == "region")
     assert len(d) > 0
     assert d.mean() >= MIN_MEAN_DICE, (kind, d.mean(), d.min())
@@ -154,11 +159,13 @@ def test_fused_encoder_matches_default(lite, dataset):
 
 
 def test_fast_true_matches_default(lite, dataset):
-    """``fast=True`` as shipped: ONNX Runtime encoder if installed (else fused), fused decoder, fp16 cache."""
+    """``fast=True`` as shipped: ONNX Runtime encoder and decoder if installed (else the fused PyTorch
+    ones), fp16 cache."""
     v = _facade(lite, **F.fast_options(True))
     assert v.fast is not None and v.fast.fp16_embeddings and not v.cache.fp16
     if F.have_onnxruntime():
         assert v.fast.encoder_kind == "onnx", "onnxruntime is installed but the ONNX encoder did not build"
+        assert v.fast.decoder_kind == "onnx", "onnxruntime is installed but the ONNX decoder did not build"
     ds = []
     for rgb, cases, emb in dataset:
         femb = v.embed_rgb(rgb)  # through the fp16 cache, as the app does
@@ -281,7 +288,7 @@ def test_pixel_span_covers_bilinear_reads():
 
 
 def test_fast_options_and_fallbacks(lite):
-    assert F.fast_options(True)["decoder"] == "fused"
+    assert F.fast_options(True)["decoder"] == ("onnx" if F.have_onnxruntime() else "fused")
     assert F.fast_options("fused")["encoder"] == "fused"
     with pytest.raises(TypeError):
         F.fast_options(3)

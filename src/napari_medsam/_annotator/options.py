@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-#: the decoder child's options (engine/decoder_process.py): it only decodes previews, with the fused
-#: decoder on one thread; embeddings come from the plugin's encoder. The model itself is loaded with
+#: the decoder child's options (engine/decoder_process.py): it only decodes previews, with the default
+#: decoder (ONNX Runtime, else the fused PyTorch one) on one thread; embeddings come from the plugin's
+#: encoder. The model itself is loaded with
 #: the engine's default (the fast path) or, with the widget's "authors' exact numerics", ``exact=True``.
-PREVIEW_FAST = {"encoder": None, "decoder": "fused", "auto_region": True, "decoder_threads": 1}
+PREVIEW_FAST = {"encoder": None, "decoder": "onnx", "auto_region": True, "decoder_threads": 1}
 #: environment switch: ``0`` keeps previews in the GUI's process (see engine/decoder_process.py)
 DECODER_PROCESS_ENV = "NAPARI_MEDSAM_DECODER_PROCESS"
 

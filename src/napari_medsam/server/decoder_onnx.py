@@ -35,9 +35,8 @@ from torch import nn
 
 from napari_medsam.engine.atomic import atomic_write
 from napari_medsam.engine.errors import MedSAMError
-
-from . import web_decoder
-from .web_decoder import IMAGE_OUTPUTS, BoxPart, ImagePart
+from napari_medsam.engine.fast import split_decoder
+from napari_medsam.engine.fast.split_decoder import IMAGE_OUTPUTS, BoxPart, ImagePart
 
 WEB_MODELS = ("litemedsam",)
 
@@ -164,7 +163,7 @@ def export_web_decoder(model, folder: os.PathLike) -> WebDecoder:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # the name also digests this package's graph code, so a changed graph is exported anew
-    code = hashlib.blake2b(Path(web_decoder.__file__).read_bytes(), digest_size=4).hexdigest()
+    code = hashlib.blake2b(Path(split_decoder.__file__).read_bytes(), digest_size=4).hexdigest()
     tag = f"{model.name}-{_digest(box_part, 'web-split-' + code)}"
     emb = torch.zeros(1, 256, *pe.shape[-2:], dtype=torch.float16)
     image = _export(image_part, (emb,), folder / f"{tag}-image.onnx", ["embedding"], IMAGE_OUTPUTS)

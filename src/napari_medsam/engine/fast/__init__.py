@@ -41,6 +41,7 @@ from .encoders import (
     sdpa_vit,
 )
 from .onnx import OrtEncoder, _onnx_dir, _weights_digest, export_onnx, have_onnxruntime
+from .onnx_decoder import OrtDecoder
 from .windows import (
     GROW_MARGIN,
     GROW_PAD_PX,
@@ -64,6 +65,7 @@ __all__ = [
     "Accelerator",
     "ChannelsLast",
     "FusedDecoder",
+    "OrtDecoder",
     "OrtEncoder",
     "_ImageState",
     "_onnx_dir",
@@ -93,7 +95,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DECODERS = ("eager", "fused")
+DECODERS = ("eager", "fused", "onnx")
 
 
 @dataclass
@@ -115,7 +117,7 @@ class Accelerator:
     encoder_kind: str = "eager"
     decoder_kind: str = "eager"
     encoder: EncoderFn | None = None
-    decoder: FusedDecoder | None = None
+    decoder: Any = None  # a FusedDecoder, an OrtDecoder or None
     auto_region: bool = True
     margin: float = GROW_MARGIN
     decoder_threads: int | None = 1
@@ -186,7 +188,8 @@ def accelerate(
 
     Args:
         encoder: ``fused`` (default), ``onnx``, or ``None`` / ``eager`` (the authors' encoder).
-        decoder: ``fused`` (default) or ``None`` / ``eager``.
+        decoder: ``fused`` (default), ``onnx`` (the same maths as two ONNX Runtime graphs,
+            :mod:`.onnx_decoder`; the fused one where ONNX Runtime cannot load) or ``None`` / ``eager``.
         auto_region: full-size masks computed in the box grown by ``margin`` (see
             :func:`.windows.grow_box`) unless the mask reaches that window's edge.
         fp16_cache: this model's embeddings stored as float16 (2.1 MB instead of 4.2 MB
@@ -239,11 +242,13 @@ def accelerate(
         ek,
         dk,
         build_encoder(model, ek),
-        FusedDecoder(model.module) if dk == "fused" else None,
+        build_decoder(model, dk),
         auto_region,
         margin,
         decoder_threads,
     )
+    if dk == "onnx" and not isinstance(acc.decoder, OrtDecoder):
+        acc.decoder_kind = "fused"
     if ek == "onnx" and not isinstance(acc.encoder, OrtEncoder):
         acc.encoder_kind = "fused"
     if acc.encoder is not None:
@@ -255,6 +260,19 @@ def accelerate(
         acc.key_suffix += ":fp16"
     model.fast = acc
     return acc
+
+
+def build_decoder(model: Any, kind: str) -> Any:
+    """``fused`` -> :class:`FusedDecoder`; ``onnx`` -> :class:`OrtDecoder` where ONNX Runtime loads
+    (else, logged, the fused one: the same maths in PyTorch); ``eager`` -> None."""
+    if kind == "onnx":
+        if have_onnxruntime():
+            try:
+                return OrtDecoder(model.module, model._dense_pe)
+            except Exception as exc:  # noqa: BLE001 - an export or session failure: PyTorch decodes
+                log.warning("ONNX Runtime decoder unavailable (%s): the fused PyTorch decoder", exc)
+        return FusedDecoder(model.module)
+    return FusedDecoder(model.module) if kind == "fused" else None
 
 
 def torch_threads_for(cores: int | None = None) -> int:
@@ -293,13 +311,13 @@ def fast_options(fast: Any) -> dict[str, Any]:
     """``MedSAM.load(fast=...)`` value -> keyword arguments of :func:`accelerate`.
 
     ``True`` -> the measured winners (docs/benchmarks_speed.md): ONNX Runtime encoder
-    where it loads (else the fused PyTorch TinyViT), fused decoder with automatic
-    region, fp16 embeddings. A string names the encoder; a dict is passed through to
-    :func:`accelerate`.
+    where it loads (else the fused PyTorch TinyViT), the decoder likewise (ONNX Runtime, else
+    the fused PyTorch decoder) with automatic region, fp16 embeddings. A string names the
+    encoder; a dict is passed through to :func:`accelerate`.
     """
     winners: dict[str, Any] = {
         "encoder": "onnx" if have_onnxruntime() else "fused",
-        "decoder": "fused",
+        "decoder": "onnx" if have_onnxruntime() else "fused",
         "auto_region": True,
         "decoder_threads": 1,
         "fp16_cache": True,

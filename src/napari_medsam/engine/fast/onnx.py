@@ -152,12 +152,19 @@ def _user_tag() -> str:
 
 
 def _export(
-    module: nn.Module, args: tuple[torch.Tensor, ...], path: str, inputs: Sequence[str], outputs: Sequence[str]
+    module: nn.Module,
+    args: tuple[torch.Tensor, ...],
+    path: str,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    dynamic: dict | None = None,
 ) -> None:
-    kw = {"input_names": list(inputs), "output_names": list(outputs), "opset_version": OPSET}
+    kw: dict = {"input_names": list(inputs), "output_names": list(outputs), "opset_version": OPSET}
+    if dynamic:
+        kw["dynamic_axes"] = dynamic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(module, args, path, dynamo=False, **kw)  # type: ignore[arg-type]
+            torch.onnx.export(module, args, path, dynamo=False, **kw)
         except TypeError:  # older torch without the dynamo switch
-            torch.onnx.export(module, args, path, **kw)  # type: ignore[arg-type]
+            torch.onnx.export(module, args, path, **kw)

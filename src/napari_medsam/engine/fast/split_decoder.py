@@ -1,4 +1,7 @@
-"""LiteMedSAM's prompt encoder + mask decoder split for the browser: a per-image and a per-box graph.
+"""LiteMedSAM's prompt encoder + mask decoder split in two graphs: per image and per box.
+
+Exported to ONNX (:mod:`.onnx_decoder`), they are the default CPU decoder where ONNX Runtime
+loads, and the browser's decoder (``napari_medsam.server``: ONNX Runtime Web).
 
 Same weights and maths as ``segment_anything`` with ``multimask_output=False``, in the
 order of the engine's fused decoder (``engine.fast.decoder``), written as plain tensor
@@ -28,8 +31,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-#: logit outside the decoded window: a sure "no" (the engine's ``engine.fast.FILL_LOGIT``)
-FILL_LOGIT = -1e4
+from .decoder import FILL_LOGIT  # logit outside the decoded window: a sure "no"
+
+__all__ = ["FILL_LOGIT", "IMAGE_OUTPUTS", "BoxPart", "ImagePart"]
+
 IMAGE_OUTPUTS = ("x0", "k0", "v0", "q0", "xk1", "xv1", "xq1")
 
 
@@ -52,6 +57,16 @@ def _softmax_tokens(x: torch.Tensor) -> torch.Tensor:
 
 class ImagePart(nn.Module):
     """embedding (1, C, 64, 64) float16 -> the per-image tensors (float32), see the module docstring."""
+
+    no_mask: torch.Tensor
+    pe: torch.Tensor
+    w_k0: torch.Tensor
+    b_k0: torch.Tensor
+    w_v0: torch.Tensor
+    b_v0: torch.Tensor
+    w_q0: torch.Tensor
+    b_q0: torch.Tensor
+    w_1: torch.Tensor
 
     def __init__(self, module: Any, dense_pe: torch.Tensor):
         super().__init__()
@@ -78,7 +93,7 @@ class ImagePart(nn.Module):
         ]
         self.register_buffer("w_1", torch.cat([(w.detach() * g0).t() for w in w1], 1).contiguous().clone())
 
-    def forward(self, embedding: torch.Tensor):
+    def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = embedding.float()
         c = f.shape[1]
         x0 = f[0].reshape(c, -1).transpose(0, 1) + self.no_mask  # (N, C)
@@ -96,6 +111,26 @@ class ImagePart(nn.Module):
 
 class BoxPart(nn.Module):
     """The per-image tensors + box (1, 4) model pixels + window token indices -> (logits, iou)."""
+
+    corner: torch.Tensor
+    out_tokens: torch.Tensor
+    pe_k1: torch.Tensor
+    pe_q1: torch.Tensor
+    pe_kf: torch.Tensor
+    wk1: torch.Tensor
+    wq1: torch.Tensor
+    wkf: torch.Tensor
+    wo0: torch.Tensor
+    wo1: torch.Tensor
+    wvg: torch.Tensor
+    wv_g0: torch.Tensor
+    wv_b0: torch.Tensor
+    bq1: torch.Tensor
+    wvf: torch.Tensor
+    up_w1: torch.Tensor
+    up_b1: torch.Tensor
+    up_w2: torch.Tensor
+    up_b2: torch.Tensor
 
     def __init__(self, module: Any, dense_pe: torch.Tensor):
         super().__init__()
@@ -152,7 +187,9 @@ class BoxPart(nn.Module):
         vo = torch.matmul(v, wo)  # (1, H, T, C)
         return vo.reshape(1, -1, vo.shape[-1]) + att.out_proj.bias / self.h
 
-    def forward(self, x0, k0, v0, q0, xk1, xv1, xq1, box, rows, cols):
+    def forward(
+        self, x0: Any, k0: Any, v0: Any, q0: Any, xk1: Any, xv1: Any, xq1: Any, box: Any, rows: Any, cols: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         h, l0, l1 = self.h, self.l0, self.l1
         coords = (box + 0.5).reshape(1, 2, 2)
         sparse = self.pe_mod.pe_layer.forward_with_coords(coords, self.pe_mod.input_image_size) + self.corner
@@ -229,7 +266,7 @@ class BoxPart(nn.Module):
         return m.permute(0, 2, 4, 1, 3, 5).reshape(-1), iou
 
     @staticmethod
-    def _lowrank(w, g0, b0, vo0, wx, a0, mu, rstd):
+    def _lowrank(w: Any, g0: Any, b0: Any, vo0: Any, wx: Any, a0: Any, mu: Any, rstd: Any) -> torch.Tensor:
         """``w . LN(x0 + a0^T vo0)`` for all image tokens; wx = w.(g0 x0) per head (1, H, T, N)."""
         wg = w * g0
         m = torch.matmul(wg, vo0.transpose(1, 2))  # (1, 56, 56)
