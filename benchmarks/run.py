@@ -337,7 +337,7 @@ def latency_sections(quick=False):
             "A labeling session (engine LabelingSession) over real 2D images, the model on the session's "
             "embedding cache. Cold = the image is opened with nothing encoded (read, encode, decode on the "
             "critical path). After Next = the user spent one encoder time on the previous image while the "
-            "plugin's encoder service prefetched the next one (the session widget's `prefetch([()], Source)`), "
+            "plugin's encoder service prefetched the next one (the session widget's `Prefetch.image`: the encode, then the decoder's per-image state), "
             "then pressed Next. Times from the file read to the mask, in ms. Authors = read + encode + decode "
             "of every image (no prefetch). Preview = the full-view decode a drag shows (goal after Next: "
             "under 100 ms); accepted = the default accept (zoom crops encoded for small boxes)."
@@ -396,22 +396,24 @@ def latency_sections(quick=False):
 NOTES = """
 ## Reading these numbers
 
-- The default path is the fast one (ONNX Runtime encoder, fused decoder, fp16 embeddings;
-  masks at mean Dice 0.9999 to the exact path on the 2D dev cases); `exact` is the
+- The default path is the fast one (ONNX Runtime encoder, the box decoder as two ONNX Runtime
+  graphs since 2026-12-04 (engine/fast/onnx_decoder.py; else the fused PyTorch decoder), fp16
+  embeddings; masks at mean Dice 0.9999 to the exact path on the 2D dev cases, the ONNX decoder's
+  equal to the fused one's); `exact` is the
   authors' numerics end to end, so its ratios sit near 1.0. `python benchmarks/speed.py`
   breaks the fast paths down further.
-- Live drag: previews are decoded by the fused decoder (engine/fast/decoder.py) in a child
-  process (engine/decoder_process.py). In a thread of the GUI's process the decoder
+- Live drag: previews are decoded by the default decoder in a child process
+  (engine/decoder_process.py). In a thread of the GUI's process the decoder
   waited for the GIL between its ~100 small torch ops while napari's Python ran, so a
   35 ms decode took about 200 ms; the "decoder thread" row keeps that path for comparison.
 - The ceiling here is napari itself: under Xvfb's software OpenGL one canvas draw of
   this window costs 35-50 ms (about 20 ms with no layer at all) and napari handles about
   11-17 rectangle moves per second with no plugin. Every move gets its preview (no stale
   box skipped); a preview shows about two to three frames after its move (decode in the child
-  26-33 ms on 2026-12-03, 50-70 ms in earlier runs, while the GUI and llvmpipe's two threads
-  share the 2 cores; then one draw). The 2026-12-03 run updated the preview at 0.93x napari's
-  own draw rate (the 0.9x goal of issue 13); earlier runs gave 0.59x. Runs vary by 20-30% on
-  this shared machine.
+  26-33 ms on 2026-12-03, 60-71 ms on the 2x slower machine of 2026-12-04, 50-70 ms in earlier
+  runs, while the GUI and llvmpipe's two threads share the 2 cores; then one draw). The preview
+  updated at 0.93x napari's own draw rate on 2026-12-03 and 0.89x on 2026-12-04 (the 0.9x goal
+  of issue 13); earlier runs gave 0.59x. Runs vary by 20-30% on this shared machine.
   Issue #3's targets (>= 20 updates/s, p95 <= 60 ms) are below napari's own rectangle
   drag here; with a GPU the draw cost, and most of this latency, goes away.
 - Earlier tables (before 2026-11-28) timed "drawn" at the *start* of the next draw; the
@@ -422,10 +424,19 @@ NOTES = """
 
 
 NOTES_LATENCY = """
-## Reading the first-mask, 3D, per-box and memory sections (2026-12-03)
+## Reading the first-mask, 3D, per-box and memory sections (2026-12-03, 2026-12-04)
 
-- This machine was about 1.7x slower on 2026-12-03 than on 2026-12-02 (the authors' decode 77 vs
-  46 ms, their encoder 1.7 vs 0.9 s at the same load): compare ratios, not times, across days.
+- This machine's speed changes from day to day: the authors' decode took 46 ms on 2026-12-02,
+  77 on 2026-12-03 and 174 on 2026-12-04 (their encoder 0.9, 1.7 and 2.8 s): compare ratios, not
+  times, across days. The 2026-12-04 run above started at load ~2 (other work had just ended).
+- 2026-12-04: the box decoder runs in ONNX Runtime (two graphs: per image, per box). Box -> mask
+  went from 0.34x to 0.24x the authors' in the table above; in one process, interleaved, under
+  load ~3 on 60 boxes: median 41 vs 59 ms, p95 50 vs 84 for the fused PyTorch decoder, the same
+  masks (Dice 1.0000). A prefetched next image also gets the decoder's per-image state ahead
+  (`MedSAM.warm`, the preview child too): rerun alone at a quiet moment (load ~1) right after the
+  table, the first preview after Next took 86 / 94 ms (median / p95; goal 100 ms), the wait for
+  the embedding 18 / 25 ms; the run in the table (load ~2) gave 484 ms, most of it waiting for a
+  prefetch encode that took longer than the user's simulated encoder time.
 - Threads: since 2026-12-03 the default path runs torch on 1 thread on machines of up to 4 cores
   (`engine.fast.torch_threads_for`, set once at load). At a quiet moment that costs the 2D box ->
   mask row about 25 % (the same process, 1 vs 2 threads alternating: median 28.8 vs 22.7 ms, p95
@@ -436,7 +447,8 @@ NOTES_LATENCY = """
   full-view decode plus reading the file; a small box's accept still encodes its zoom crops on the
   critical path, so the *accepted* mask of a small object is not under 100 ms even after
   prefetch; a large box (no zoom) is.
-- 3D prefetched: no slice is encoded on the critical path and 20 slices take 1.3-1.5 s (goal 2 s):
+- 3D prefetched: no slice is encoded on the critical path and 20 slices take 1.3-1.5 s (goal 2 s;
+  2.5 s on the 2x slower machine of 2026-12-04):
   each slice pays the fast decoder's per-embedding state (`image_state`, ~40 ms on one thread)
   plus one decode.
 - Memory: the peak is set by the volume-wide 8-bit conversion (engine.intensity.convert works on a
