@@ -207,9 +207,8 @@ def test_split_browser_decoder_equals_the_engine(lite, tmp_path):
     import torch
 
     from napari_medsam.engine.fast import auto_window, touches_border, window_pixels
-    from napari_medsam.engine.fast.split_decoder import FILL_LOGIT
+    from napari_medsam.engine.fast.split_decoder import FILL_LOGIT, IMAGE_OUTPUTS
     from napari_medsam.server import build
-    from napari_medsam.server.decoder_onnx import IMAGE_OUTPUTS
 
     imgs = tmp_path / "images"
     imgs.mkdir()

@@ -1,7 +1,7 @@
 """The browser's decoder as ONNX: exported once per weights, cached, served to the page.
 
 The page runs it with ONNX Runtime Web (wasm) against the image embedding the server
-sent once. Two graphs (:func:`export_web_decoder`, see :mod:`.web_decoder`)::
+sent once. Two graphs (:func:`export_web_decoder`, see :mod:`napari_medsam.engine.fast.split_decoder`)::
 
     image.onnx  embedding (1, 256, 64, 64) float16 -> x0 k0 v0 q0 xk1 xv1 xq1 (float32)
                 once per image, in the browser
@@ -35,8 +35,7 @@ from torch import nn
 
 from napari_medsam.engine.atomic import atomic_write
 from napari_medsam.engine.errors import MedSAMError
-from napari_medsam.engine.fast import split_decoder
-from napari_medsam.engine.fast.split_decoder import IMAGE_OUTPUTS, BoxPart, ImagePart
+from napari_medsam.engine.fast.onnx_decoder import export_split
 
 WEB_MODELS = ("litemedsam",)
 
@@ -155,31 +154,12 @@ class WebDecoder:
 
 
 def export_web_decoder(model, folder: os.PathLike) -> WebDecoder:
-    """The per-image and per-box graphs of ``model``'s decoder in ``folder`` (once each)."""
+    """The per-image and per-box graphs of ``model``'s decoder in ``folder`` (once each): the
+    engine's own (:func:`napari_medsam.engine.fast.onnx_decoder.export_split`), named by the
+    weights and the graph code, so a changed graph is exported anew."""
     _check(model)
-    pe = model._dense_pe.detach().cpu().float()
-    image_part = ImagePart(model.module, pe).cpu().eval()
-    box_part = BoxPart(model.module, pe).cpu().eval()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    # the name also digests this package's graph code, so a changed graph is exported anew
-    code = hashlib.blake2b(Path(split_decoder.__file__).read_bytes(), digest_size=4).hexdigest()
-    tag = f"{model.name}-{_digest(box_part, 'web-split-' + code)}"
-    emb = torch.zeros(1, 256, *pe.shape[-2:], dtype=torch.float16)
-    image = _export(image_part, (emb,), folder / f"{tag}-image.onnx", ["embedding"], IMAGE_OUTPUTS)
-    with torch.no_grad():
-        state = image_part(torch.randn(emb.shape).to(torch.float16))
-    box = torch.tensor([[30.0, 40.0, 120.0, 150.0]])
-    rows, cols = torch.arange(5, 20), torch.arange(3, 30)
-    box_file = _export(
-        box_part,
-        (*state, box, rows, cols),
-        folder / f"{tag}-box.onnx",
-        [*IMAGE_OUTPUTS, "box", "rows", "cols"],
-        ["logits", "iou"],
-        {"rows": {0: "nr"}, "cols": {0: "nc"}, "logits": {0: "pixels"}},
-    )
-    return WebDecoder(image, box_file)
+    image, box = export_split(model.module, model._dense_pe, str(folder))
+    return WebDecoder(Path(image), Path(box))
 
 
 def default_folder(output_dir: os.PathLike, cache_dir: os.PathLike | None = None) -> Path:
