@@ -141,7 +141,8 @@ def test_keyless_embeddings_never_alias(lite, samples):
     assert len({k for _, k in ids}) == 2, "the key follows the content"
 
 
-def test_keyless_embedding_through_a_real_child(lite, samples):
+def test_keyless_embedding_through_a_real_child(lite, lite_default, samples):
+    """The child (the default decoder) answers a key-less embedding by its content, not its id()."""
     from napari_medsam.engine.cache import Embedding
     from napari_medsam.engine.io import read_image
 
@@ -153,10 +154,10 @@ def test_keyless_embedding_through_a_real_child(lite, samples):
         assert proc.wait_ready(300), proc.error
         e = Embedding(a.features, a.original_size, a.resized, a.model)
         first = proc.predict(e, box)
-        assert (first.masks == lite.predict(a, box).masks).all()
+        assert (first.masks == lite_default.predict(a, box).masks).all()  # the same decoder in-process
         e.features = b.features  # the id() stays, the content changes
         second = proc.predict(e, box)
-        assert (second.masks == lite.predict(b, box).masks).all(), "a stale embedding answered"
+        assert (second.masks == lite_default.predict(b, box).masks).all(), "a stale embedding answered"
         assert not (second.masks == first.masks).all()
     finally:
         proc.close()
