@@ -65,6 +65,37 @@ FILL_LOGIT = -1e4
 Keys = tuple[torch.Tensor, list[torch.Tensor]]  # (hs (B, 2, C), final image-token chunks)
 
 
+class StateMemo:
+    """A decoder's per-embedding states, least recently used first out, keyed by (cache key, dtype);
+    thread-safe (previews, accepts and prefetch warm-ups come from different threads)."""
+
+    def __init__(self, entries: int = 4):
+        self.entries = entries
+        self._states: OrderedDict[object, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, k: object) -> bool:
+        with self._lock:
+            return k in self._states
+
+    def get(self, k: object) -> Any:
+        with self._lock:
+            st = self._states.get(k)
+            if st is not None:
+                self._states.move_to_end(k)
+            return st
+
+    def put(self, k: object, st: Any) -> None:
+        with self._lock:
+            self._states[k] = st
+            while len(self._states) > self.entries:
+                self._states.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._states.clear()
+
+
 @dataclass
 class _ImageState:
     """Prompt-independent decoder tensors of one embedding (float32)."""
@@ -116,20 +147,14 @@ class FusedDecoder:
             self.pe_k1 = proj(l1.cross_attn_token_to_image.k_proj)
             self.pe_q1 = proj(l1.cross_attn_image_to_token.q_proj)
             self.pe_kf = proj(t.final_attn_token_to_image.k_proj)
-        self._states: OrderedDict[object, _ImageState] = OrderedDict()
-        self._cache_entries = cache_entries
-        self._lock = threading.Lock()
+        self._states = StateMemo(cache_entries)
 
     # -- per-image ------------------------------------------------------
     def image_state(self, features: torch.Tensor, key: str = "") -> _ImageState:
         """The per-image tensors, memoised by cache key (``key`` empty: computed, not kept)."""
         k = (key, features.dtype)
-        if key:
-            with self._lock:
-                st = self._states.get(k)
-                if st is not None:
-                    self._states.move_to_end(k)
-                    return st
+        if key and (hit := self._states.get(k)) is not None:
+            return hit
         f = features.to(torch.float32)
         c = f.shape[1]
         x0 = (f[0].reshape(c, -1).transpose(0, 1) + self.no_mask).contiguous()
@@ -152,15 +177,11 @@ class FusedDecoder:
         xq1 = folded(l1.cross_attn_image_to_token.q_proj).permute(1, 2, 0).contiguous()
         st = _ImageState(x0, k0, v0, q0, (int(f.shape[-2]), int(f.shape[-1])), xk1, xv1, xq1)
         if key:
-            with self._lock:
-                self._states[k] = st
-                while len(self._states) > self._cache_entries:
-                    self._states.popitem(last=False)
+            self._states.put(k, st)
         return st
 
     def clear(self) -> None:
-        with self._lock:
-            self._states.clear()
+        self._states.clear()
 
     # -- attention helpers ----------------------------------------------
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import torch
 from napari_medsam.engine.atomic import atomic_write
 
 from . import split_decoder
-from .decoder import FILL_LOGIT
+from .decoder import FILL_LOGIT, StateMemo
 from .onnx import _export, _onnx_dir, _weights_digest
 from .split_decoder import IMAGE_OUTPUTS, BoxPart, ImagePart
 
@@ -80,32 +78,22 @@ class OrtDecoder:
         self.image_graph = ort.InferenceSession(self.paths[0], so, providers=["CPUExecutionProvider"])
         self.box_graph = ort.InferenceSession(self.paths[1], so, providers=["CPUExecutionProvider"])
         self.grid = (int(dense_pe.shape[-2]), int(dense_pe.shape[-1]))
-        self._states: OrderedDict[object, OrtState] = OrderedDict()
-        self._cache_entries = cache_entries
-        self._lock = threading.Lock()
+        self._states = StateMemo(cache_entries)
 
     def image_state(self, features: torch.Tensor, key: str = "") -> OrtState:
         """The image graph's outputs for one embedding, memoised by cache key (``key`` empty: not kept)."""
         k = (key, features.dtype)
-        if key:
-            with self._lock:
-                st = self._states.get(k)
-                if st is not None:
-                    self._states.move_to_end(k)
-                    return st
+        if key and (hit := self._states.get(k)) is not None:
+            return hit
         emb = np.ascontiguousarray(features.detach().cpu().to(torch.float16).numpy())
         outs = self.image_graph.run(list(IMAGE_OUTPUTS), {"embedding": emb})
         st = OrtState(dict(zip(IMAGE_OUTPUTS, outs, strict=True)), (int(features.shape[-2]), int(features.shape[-1])))
         if key:
-            with self._lock:
-                self._states[k] = st
-                while len(self._states) > self._cache_entries:
-                    self._states.popitem(last=False)
+            self._states.put(k, st)
         return st
 
     def clear(self) -> None:
-        with self._lock:
-            self._states.clear()
+        self._states.clear()
 
     def logits(
         self, st: OrtState, box_t: torch.Tensor, window: tuple[int, int, int, int] | None = None, keys: Any = None
