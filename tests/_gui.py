@@ -115,3 +115,19 @@ def press(qtbot, viewer, key, modifier=None) -> None:
 def slices_of(mask: np.ndarray) -> list[int]:
     """The slice indices where a (Z, Y, X) mask has any pixel."""
     return [int(z) for z in np.flatnonzero(mask.any(axis=(1, 2)))]
+
+
+def open_slide(viewer, qtbot, data, **add_kwargs):
+    """Add a slide-sized image to ``viewer`` with the MedSAM widget docked; wait until the annotator
+    has it and check its full view is never encoded. Returns (layer, controller)."""
+    from napari_medsam._widget import MedSAMWidget
+
+    layer = viewer.add_image(data, **add_kwargs)
+    widget = MedSAMWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MedSAM")
+    qtbot.waitUntil(lambda: widget.controller is not None and widget.controller.image is layer, timeout=180_000)
+    ctl = widget.controller
+    fut = ctl.encoder.request(ctl.current_index())
+    qtbot.waitUntil(fut.done, timeout=180_000)
+    assert fut.result() is None and ctl.encoder.encoded == 0, "the full view is never encoded"
+    return layer, ctl

@@ -9,8 +9,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from _gui import drag, pump
-from napari_medsam._widget import MedSAMWidget
+from _gui import drag, open_slide, pump
 from napari_medsam.engine.evaluation import dice, load_cases
 from napari_medsam.engine.io import read_image
 from napari_medsam.engine.zoom import DEFAULT
@@ -27,14 +26,7 @@ def test_slide_is_annotated_through_crops_only(make_napari_viewer, qtbot, sample
     h, w = raw.shape[:2]
     big = np.tile(raw, (reps, reps))
     assert max(big.shape) > DEFAULT.large_side
-    layer = viewer.add_image(big, name="mosaic")
-    widget = MedSAMWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="MedSAM")
-    qtbot.waitUntil(lambda: widget.controller is not None and widget.controller.image is layer, timeout=180_000)
-    ctl = widget.controller
-    fut = ctl.encoder.request(ctl.current_index())
-    qtbot.waitUntil(fut.done, timeout=180_000)
-    assert fut.result() is None and ctl.encoder.encoded == 0, "the full view is never encoded"
+    layer, ctl = open_slide(viewer, qtbot, big, name="mosaic")
     oy, ox = 4 * h, 5 * w
     x0, y0, x1, y1 = c.box
     box = (x0 + ox, y0 + oy, x1 + ox, y1 + oy)

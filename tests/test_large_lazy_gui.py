@@ -15,8 +15,7 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from _gui import drag, pump
-from napari_medsam._widget import MedSAMWidget
+from _gui import drag, open_slide, pump
 from napari_medsam.engine.evaluation import dice, load_cases
 from napari_medsam.engine.intensity import model_input
 from napari_medsam.engine.io import read_image
@@ -75,14 +74,7 @@ def annotate(make_napari_viewer, qtbot, tile: np.ndarray, case):
     viewer.window._qt_window.resize(1400, 900)
     with dask.config.set(scheduler="synchronous"):  # chunks are read in the thread that asks for them
         lo, hi = float(tile.min()), float(tile.max())
-        layer = viewer.add_image(big, name="slide", contrast_limits=(lo, hi))
-        widget = MedSAMWidget(viewer)
-        viewer.window.add_dock_widget(widget, name="MedSAM")
-        qtbot.waitUntil(lambda: widget.controller is not None and widget.controller.image is layer, timeout=180_000)
-        ctl = widget.controller
-        fut = ctl.encoder.request(ctl.current_index())
-        qtbot.waitUntil(fut.done, timeout=180_000)
-        assert fut.result() is None and ctl.encoder.encoded == 0, "the full view is never encoded"
+        layer, ctl = open_slide(viewer, qtbot, big, name="slide", contrast_limits=(lo, hi))
         assert isinstance(ctl.encoder.model_input(), LazyU8), "the slide stays lazy"
         h, w = tile.shape[:2]
         oy, ox = TILE_AT[0] * h, TILE_AT[1] * w
