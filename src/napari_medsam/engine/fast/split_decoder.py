@@ -9,13 +9,22 @@ products (no chunk loops, no online softmax) so that ``torch.onnx.export`` trace
 
 * :class:`ImagePart` (once per embedding): the box-independent tensors, i.e. the image
   tokens + no-mask embedding ``x0``, layer 0's token->image keys/values ``k0 v0`` and
-  image->token queries ``q0``, and layer 1's image-side projections of ``x0`` with
-  layer 0's final LayerNorm weight folded in ``xk1 xv1 xq1``;
-* :class:`BoxPart` (every drag move): the transformer for one box against those, with
-  the low-rank cross-attention of layer 1 (the 4096 image tokens only meet 7 tokens x 8
-  heads = 56 vectors, see ``engine.fast.lowrank``), the final attention for the IoU token
-  and mask token 0 only, and the output upscaling of a window of tokens only (``rows``,
-  ``cols``: token indices on the 64 x 64 grid), as three matrix products.
+  image->token queries ``q0``, layer 1's image-side projections of ``x0`` with layer 0's
+  final LayerNorm weight folded in ``xk1 xv1 xq1``, and for the statistics of both
+  LayerNorms after the image->token updates and the final attention: the centred tokens
+  ``xc`` and ``xg`` (``xc`` times that weight, centred) through the per-head out
+  projections and the final attention's key/value weights ``xc0 xg0 xg1 xkf xvf``, and
+  eight per-token scalars ``xs`` (rows :data:`MX` ... :data:`XGB1`);
+* :class:`BoxPart` (every drag move): the transformer for one box against those. The
+  4096 image tokens only ever meet 7 tokens x 8 heads = 56 vectors (``engine.fast.lowrank``),
+  so no (4096, 256) tensor is built per box: each image->token update is carried as the
+  (56, 4096) attention weights, and the LayerNorm statistics after it (mean, 1/std) come
+  from the centred sums of squares expanded into products of those weights with 56 x 56
+  Gram matrices and the per-image products above; the final attention runs for the IoU
+  token and mask token 0 only, and the output upscaling builds the keys of a window of
+  tokens only (``rows``, ``cols``: token indices on the 64 x 64 grid), as three matrix
+  products. The algebra is exact; the logits agree with the explicit form to float32
+  rounding (tested against ``segment_anything``'s decoder).
 
 Outputs of :class:`BoxPart`: ``logits`` flat, the ``(4 * len(rows), 4 * len(cols))``
 low-resolution logits of the window in row-major order, and ``iou`` (1, 1).
@@ -35,7 +44,9 @@ from .decoder import FILL_LOGIT  # logit outside the decoded window: a sure "no"
 
 __all__ = ["FILL_LOGIT", "IMAGE_OUTPUTS", "BoxPart", "ImagePart"]
 
-IMAGE_OUTPUTS = ("x0", "k0", "v0", "q0", "xk1", "xv1", "xq1")
+IMAGE_OUTPUTS = ("x0", "k0", "v0", "q0", "xk1", "xv1", "xq1", "xc0", "xg0", "xg1", "xkf", "xvf", "xs")
+# the rows of ``xs`` (per image token): see :meth:`ImagePart.forward`
+MX, SXC2, XCB0, SXG2, XGGB0, XGG0, XGB0, XGB1 = range(8)
 
 
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -46,6 +57,11 @@ def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
 def _per_head(w: torch.Tensor, h: int) -> torch.Tensor:
     """A Linear weight (H*d, C) -> (H, d, C): each head's rows."""
     return w.detach().reshape(h, -1, w.shape[-1]).clone()
+
+
+def _out_per_head(w: torch.Tensor, h: int) -> torch.Tensor:
+    """An out_proj weight (C, H*d) -> (H, d, C): the rows each head's values meet."""
+    return w.detach().reshape(w.shape[0], h, -1).permute(1, 2, 0).contiguous().clone()
 
 
 def _softmax_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +83,15 @@ class ImagePart(nn.Module):
     w_q0: torch.Tensor
     b_q0: torch.Tensor
     w_1: torch.Tensor
+    g0: torch.Tensor
+    b0: torch.Tensor
+    bo0: torch.Tensor
+    bo1: torch.Tensor
+    wo0g: torch.Tensor
+    wo0: torch.Tensor
+    wo1: torch.Tensor
+    wkfg: torch.Tensor
+    wvfg: torch.Tensor
 
     def __init__(self, module: Any, dense_pe: torch.Tensor):
         super().__init__()
@@ -92,6 +117,18 @@ class ImagePart(nn.Module):
             l1.cross_attn_image_to_token.q_proj.weight,
         ]
         self.register_buffer("w_1", torch.cat([(w.detach() * g0).t() for w in w1], 1).contiguous().clone())
+        # the image-side projections of layer 1's and the final attention's low-rank products
+        i2t0, i2t1, fin = l0.cross_attn_image_to_token, l1.cross_attn_image_to_token, t.final_attn_token_to_image
+        g1 = l1.norm4.weight.detach()
+        self.register_buffer("g0", g0.clone())
+        self.register_buffer("b0", l0.norm4.bias.detach().clone())
+        self.register_buffer("bo0", i2t0.out_proj.bias.detach().clone())
+        self.register_buffer("bo1", i2t1.out_proj.bias.detach().clone())
+        self.register_buffer("wo0g", _out_per_head(i2t0.out_proj.weight, self.h) * g0)  # (H, d, C)
+        self.register_buffer("wo0", _out_per_head(i2t0.out_proj.weight, self.h))
+        self.register_buffer("wo1", _out_per_head(i2t1.out_proj.weight, self.h))
+        self.register_buffer("wkfg", _per_head(fin.k_proj.weight, self.h) * g1)  # (H, d, C)
+        self.register_buffer("wvfg", (_per_head(fin.v_proj.weight, self.h) * g1).transpose(1, 2).contiguous())
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = embedding.float()
@@ -106,7 +143,22 @@ class ImagePart(nn.Module):
         xk1 = x1[:, 0].permute(1, 2, 0)  # (H, d, N)
         xv1 = x1[:, 1].transpose(0, 1)  # (H, N, d)
         xq1 = x1[:, 2].permute(1, 2, 0)  # (H, d, N)
-        return x0, k0, v0, q0, xk1, xv1, xq1
+        # centred rows: xc = x0 - mean; xg = (xc g0) - mean (layer 0's LayerNorm without 1/std)
+        xc = x0 - x0.mean(-1, keepdim=True)
+        xg = xc * self.g0
+        xg = xg - xg.mean(-1, keepdim=True)
+        xct, xgt = xc.t(), xg.t()
+        xc0 = torch.matmul(self.wo0, xct)  # (H, d, N)
+        xg0 = torch.matmul(self.wo0g, xgt)
+        xg1 = torch.matmul(self.wo1, xgt)
+        xkf = torch.matmul(self.wkfg, xgt)
+        xvf = torch.matmul(xg, self.wvfg)  # (H, N, d)
+        vecs = torch.stack([self.bo0, self.g0 * self.bo0, self.g0, self.b0, self.bo1], 1)  # (C, 5)
+        xcb0 = xc @ vecs[:, :1]
+        xgv = xg @ vecs[:, 1:]
+        sq = torch.stack([(xc * xc).sum(-1), (xg * xg).sum(-1)], 1)
+        xs = torch.cat([x0.mean(-1, keepdim=True), sq[:, :1], xcb0, sq[:, 1:], xgv], 1).t().contiguous()  # (8, N)
+        return x0, k0, v0, q0, xk1, xv1, xq1, xc0, xg0, xg1, xkf, xvf, xs
 
 
 class BoxPart(nn.Module):
@@ -181,20 +233,38 @@ class BoxPart(nn.Module):
             reg("up_b2", ct2.bias.repeat(4).clone())
         self.up_ln, self.up_act1, self.up_act2 = ups[1], ups[2], ups[4]
 
-    def _vo(self, att: Any, wo: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """(1, T, C) tokens -> (1, H*T, C): values through out_proj per head, bias spread over the heads."""
+    def _vo(self, att: Any, wo: torch.Tensor, tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, T, C) tokens -> values per head (H, T, d) and (H*T, C): the values through out_proj
+        per head, its bias spread over the heads."""
         v = _heads(att.v_proj(tok), self.h)  # (1, H, T, d)
         vo = torch.matmul(v, wo)  # (1, H, T, C)
-        return vo.reshape(1, -1, vo.shape[-1]) + att.out_proj.bias / self.h
+        return v[0], vo.reshape(-1, vo.shape[-1]) + att.out_proj.bias / self.h
 
     def forward(
-        self, x0: Any, k0: Any, v0: Any, q0: Any, xk1: Any, xv1: Any, xq1: Any, box: Any, rows: Any, cols: Any
+        self,
+        x0: Any,
+        k0: Any,
+        v0: Any,
+        q0: Any,
+        xk1: Any,
+        xv1: Any,
+        xq1: Any,
+        xc0: Any,
+        xg0: Any,
+        xg1: Any,
+        xkf: Any,
+        xvf: Any,
+        xs: Any,
+        box: Any,
+        rows: Any,
+        cols: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         h, l0, l1 = self.h, self.l0, self.l1
         coords = (box + 0.5).reshape(1, 2, 2)
         sparse = self.pe_mod.pe_layer.forward_with_coords(coords, self.pe_mod.input_image_size) + self.corner
         qpe = torch.cat([self.out_tokens.unsqueeze(0), sparse], 1)  # (1, T, C)
         t, n = qpe.shape[1], x0.shape[0]
+        c = x0.shape[1]
         # layer 0 (skip_first_layer_pe): the tokens against the cached image projections
         queries = l0.norm1(l0.self_attn(q=qpe, k=qpe, v=qpe))
         qp = _heads(l0.cross_attn_token_to_image.q_proj(queries + qpe), h)
@@ -205,19 +275,21 @@ class BoxPart(nn.Module):
         queries = l0.norm3(queries + l0.mlp(queries))
         i2t0 = l0.cross_attn_image_to_token
         kp = _heads(i2t0.k_proj(queries + qpe), h) * s
-        a0 = _softmax_tokens(torch.matmul(kp, q0)).reshape(1, h * t, n)  # (1, 56, N)
-        vo0 = self._vo(i2t0, self.wo0, queries)  # (1, 56, C)
-        # keys1 = LN(z), z = x0 + a0^T vo0 (one Gemm with x0 added in place), and z's mean and
-        # 1/std per token for the low-rank products below (E[z^2] through one L2 reduction)
+        a0 = _softmax_tokens(torch.matmul(kp, q0)).reshape(h * t, n)  # (56, N)
+        v0t, vo0 = self._vo(i2t0, self.wo0, queries)  # (H, T, d), (56, C)
+        # the image tokens after layer 0 are z = x0 + a0^T vo0, never built: their mean and
+        # 1/std from the centred per-image products (sum of squares of xc + a0^T vo0c)
         n4 = l0.norm4
-        c = x0.shape[1]
-        z = torch.addmm(x0, a0[0].t(), vo0[0])  # (N, C)
-        keys1 = F.layer_norm(z, (c,), n4.weight, n4.bias, n4.eps)
-        mu = z.mean(-1, keepdim=True)  # (N, 1)
-        ms = torch.linalg.vector_norm(z, dim=-1, keepdim=True) ** 2 / c
-        rstd = torch.rsqrt(ms - mu * mu + n4.eps)
-        mu_r, rstd_r = mu.reshape(1, 1, n), rstd.reshape(1, 1, n)  # (1, 1, N)
         g0, b0 = n4.weight, n4.bias
+        m0 = vo0.mean(-1, keepdim=True)  # (56, 1)
+        vc0 = vo0 - m0
+        mu = xs[MX] + (m0 * a0).sum(0)  # (N,)
+        xcv = torch.matmul(v0t, xc0).reshape(h * t, n) + xs[XCB0] / h  # xc . vo0
+        s1 = xs[SXC2] + (a0 * (2 * xcv + torch.matmul(vc0 @ vc0.t(), a0))).sum(0)
+        rstd = torch.rsqrt(s1 / c + n4.eps)
+        mu_r, rstd_r = mu.reshape(1, 1, n), rstd.reshape(1, 1, n)  # (1, 1, N)
+        a0b = a0.unsqueeze(0)  # (1, 56, N)
+        vo0b = vo0.unsqueeze(0)
         # layer 1: self-attention, then token->image with the keys' projection taken low-rank:
         # w . LN(x0 + a0^T vo0) = rstd (w.(g0 x0) + (w g0) vo0^T a0 - (w.g0) mu) + w.b0
         q = queries + qpe
@@ -225,39 +297,63 @@ class BoxPart(nn.Module):
         t2i1 = l1.cross_attn_token_to_image
         qp1 = _heads(t2i1.q_proj(queries + qpe), h) * s  # (1, H, T, d)
         qk1 = torch.matmul(qp1, self.wk1).reshape(1, h * t, -1)  # (1, 56, C)
-        lg = self._lowrank(qk1, g0, b0, vo0, torch.matmul(qp1, xk1), a0, mu_r, rstd_r)
+        lg = self._lowrank(qk1, g0, b0, vo0b, torch.matmul(qp1, xk1), a0b, mu_r, rstd_r)
         lg = lg + torch.matmul(qp1, self.pe_k1).reshape(1, h * t, n)
         p = torch.softmax(lg, dim=-1) * rstd_r  # (1, 56, N)
         zx = torch.matmul(p.reshape(1, h, t, n), xv1)  # (1, H, T, d)
-        za = torch.matmul(p, a0.transpose(1, 2))  # (1, 56, 56)
-        zmu = torch.matmul(p, mu.unsqueeze(0)).reshape(1, h, t, 1)
+        za = torch.matmul(p, a0.t())  # (1, 56, 56)
+        zmu = torch.matmul(p, mu.reshape(n, 1)).reshape(1, h, t, 1)
         va = torch.matmul(vo0, self.wvg).reshape(1, h * t, h, -1).permute(0, 2, 1, 3)  # (1, H, 56, d)
         o = zx + torch.matmul(za.reshape(1, h, t, -1), va) - zmu * self.wv_g0 + self.wv_b0
         queries = l1.norm2(queries + t2i1.out_proj(o.transpose(1, 2).reshape(1, t, -1)))
         queries = l1.norm3(queries + l1.mlp(queries))
-        # layer 1 image->token: logits low-rank again, softmax over the tokens, then keys2 explicitly
+        # layer 1 image->token: logits low-rank again, softmax over the tokens
         i2t1 = l1.cross_attn_image_to_token
         kp = _heads(i2t1.k_proj(queries + qpe), h) * s
         kq = torch.matmul(kp, self.wq1).reshape(1, h * t, -1)
         pel2 = torch.matmul(kp, self.pe_q1 + self.bq1).reshape(1, h * t, n)
-        lg = self._lowrank(kq, g0, b0, vo0, torch.matmul(kp, xq1), a0, mu_r, rstd_r) + pel2
-        a1 = _softmax_tokens(lg.reshape(1, h, t, n)).reshape(1, h * t, n)
-        vo1 = self._vo(i2t1, self.wo1, queries)
+        lg = self._lowrank(kq, g0, b0, vo0b, torch.matmul(kp, xq1), a0b, mu_r, rstd_r) + pel2
+        a1 = _softmax_tokens(lg.reshape(1, h, t, n)).reshape(h * t, n)
+        v1t, vo1 = self._vo(i2t1, self.wo1, queries)
+        # keys2 = LN1(z2), z2 = LN0(z) + a1^T vo1, never built either: centred, z2 - mean(z2) =
+        # rstd y + b0c + a1^T vc1 with y = xg + a0^T vt0 (xg, vt0: the centred rows times g0)
         n4 = l1.norm4
-        keys2 = F.layer_norm(torch.addmm(keys1, a1[0].t(), vo1[0]), (c,), n4.weight, n4.bias, n4.eps)  # (N, C)
-        # final token->image attention, IoU token and mask token 0 only
+        g1 = n4.weight
+        vc1 = vo1 - vo1.mean(-1, keepdim=True)
+        vt0 = vc0 * g0
+        vt0 = vt0 - vt0.mean(-1, keepdim=True)
+        b0c = b0 - b0.mean()
+        xgv = torch.matmul(v0t, xg0).reshape(h * t, n) + xs[XGGB0] / h - xs[XGG0] * m0  # xg . vt0
+        yy = xs[SXG2] + (a0 * (2 * xgv + torch.matmul(vt0 @ vt0.t(), a0))).sum(0)  # |y|^2
+        yb = xs[XGB0] + ((vt0 @ b0c).unsqueeze(1) * a0).sum(0)  # y . b0c
+        yv1 = torch.matmul(v1t, xg1).reshape(h * t, n) + xs[XGB1] / h + torch.matmul(vc1 @ vt0.t(), a0)  # y . vc1
+        a1v = a1 * (2 * (vc1 @ b0c).unsqueeze(1) + torch.matmul(vc1 @ vc1.t(), a1))
+        s2 = rstd * rstd * yy + (b0c * b0c).sum() + 2 * rstd * (yb + (a1 * yv1).sum(0)) + a1v.sum(0)
+        rstd2 = torch.rsqrt(s2 / c + n4.eps)  # (N,)
+        # final token->image attention, IoU token and mask token 0 only: keys2 . (w g1) =
+        # rstd2 (rstd (xg + a0^T vt0) + b0c + a1^T vc1) . (w g1) + const
         fin = self.fin
         qpf = _heads(fin.q_proj((queries + qpe)[:, :2]), h) * s  # (1, H, 2, d)
-        qk2 = torch.matmul(qpf, self.wkf).reshape(1, h * 2, -1)
-        lg = torch.matmul(qpf, self.pe_kf).reshape(1, h * 2, n) + torch.matmul(qk2, keys2.t())
-        zf = torch.matmul(torch.softmax(lg, dim=-1), keys2).reshape(1, h, 2, -1)  # (1, H, 2, C)
-        of = torch.matmul(zf, self.wvf) + fin.v_proj.bias.reshape(1, h, 1, -1)
-        hs = self.norm_final(queries[:, :2] + fin.out_proj(of.transpose(1, 2).reshape(1, 2, -1)))
+        wg = torch.matmul(qpf, self.wkf).reshape(h * 2, -1) * g1  # (16, C)
+        xw = torch.matmul(qpf[0], xkf).reshape(h * 2, n) + torch.matmul(wg @ vt0.t(), a0)
+        lg = rstd2 * (rstd * xw + (wg @ b0c).unsqueeze(1) + torch.matmul(wg @ vc1.t(), a1))
+        lg = lg + torch.matmul(qpf, self.pe_kf).reshape(h * 2, n)
+        pf = torch.softmax(lg, dim=-1) * rstd2  # (16, N)
+        pr = pf * rstd
+        wvf = self.wvf * g1.reshape(1, -1, 1)  # (H, C, d)
+        of = torch.matmul(pr.reshape(h, 2, n), xvf)  # (H, 2, d)
+        of = of + torch.matmul((pr @ a0.t()).reshape(h, 2, -1), torch.matmul(vt0, wvf))
+        of = of + pf.sum(-1).reshape(h, 2, 1) * torch.matmul(b0c, wvf).unsqueeze(1)
+        of = of + torch.matmul((pf @ a1.t()).reshape(h, 2, -1), torch.matmul(vc1, wvf))
+        of = of + (torch.matmul(n4.bias, self.wvf) + fin.v_proj.bias.reshape(h, -1)).unsqueeze(1)
+        hs = self.norm_final(queries[:, :2] + fin.out_proj(of.unsqueeze(0).transpose(1, 2).reshape(1, 2, -1)))
         hyper = self.dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # (1, C/8)
         iou = self.dec.iou_prediction_head(hs[:, 0, :])[:, :1]
-        # the output upscaling of the window only: two 2x2-stride-2 transposed convs as products
-        grid = keys2.reshape(-1, self.gw, c)  # (64, 64, C)
-        src = grid.index_select(0, rows).index_select(1, cols).reshape(-1, c)  # (P, C)
+        # keys2 of the window's tokens only, explicitly; their output upscaling as three products
+        idx = (rows.unsqueeze(1) * self.gw + cols.unsqueeze(0)).reshape(-1)
+        z = x0.index_select(0, idx) + a0.index_select(1, idx).t() @ vo0
+        z = F.layer_norm(z, (c,), g0, b0, l0.norm4.eps) + a1.index_select(1, idx).t() @ vo1
+        src = F.layer_norm(z, (c,), g1, n4.bias, n4.eps)  # (P, C)
         y = (src @ self.up_w1 + self.up_b1).reshape(-1, self.c1)
         y = self.up_act1(F.layer_norm(y, (self.c1,), self.up_ln.weight, self.up_ln.bias, self.up_ln.eps))
         y = self.up_act2((y @ self.up_w2 + self.up_b2).reshape(-1, self.c2))
