@@ -98,7 +98,8 @@ def native_decode_ms(model, rgb, folder, n=40):
     import torch
 
     from napari_medsam.engine.fast import auto_window
-    from napari_medsam.server.decoder_onnx import IMAGE_OUTPUTS, export_decoder, export_web_decoder
+    from napari_medsam.engine.fast.split_decoder import IMAGE_OUTPUTS
+    from napari_medsam.server.decoder_onnx import export_decoder, export_web_decoder
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
