@@ -132,17 +132,27 @@ function onDown(e) {
   canvas.setPointerCapture(e.pointerId);
   e.preventDefault();
 }
-function onMove(e) {
+// Where the browser has it (Chromium), the preview is asked for on pointerrawupdate, which comes as
+// soon as the pointer moves, instead of pointermove, which waits for the next animation frame (up to
+// 16.7 ms of latency, docs/benchmarks_web.md); the outline is drawn on pointermove either way.
+const RAW = "onpointerrawupdate" in window;
+function track(e) {
+  // the dragged box at this event; false while a click has not yet become a drag
   const d = S.drag;
-  if (!d) return;
-  const pt = clientToImage(e.clientX, e.clientY);
+  if (!d) return false;
   if (d.mode === "pending") {
-    if (Math.hypot(e.clientX - d.cx, e.clientY - d.cy) < 3 || !M.ready || M.busy) return;
+    if (Math.hypot(e.clientX - d.cx, e.clientY - d.cy) < 3 || !M.ready || M.busy) return false;
     d.mode = "new";
   }
-  d.box = boxFrom(d.mode === "new" ? d.start : d.anchor, pt);
+  d.box = boxFrom(d.mode === "new" ? d.start : d.anchor, clientToImage(e.clientX, e.clientY));
+  return true;
+}
+function ask(e) { if (hasArea(S.drag.box)) act.preview(S.drag.box.slice(), e.timeStamp); }
+function onRaw(e) { if (track(e)) ask(e); }
+function onMove(e) {
+  if (!track(e)) return;
   draw();
-  if (hasArea(d.box)) act.preview(d.box.slice(), e.timeStamp);
+  if (!RAW) ask(e);
 }
 export function endDrag(e, cancel) {
   const d = S.drag;
@@ -159,6 +169,7 @@ export function bindPointer(actions) {
   act = actions;
   canvas.addEventListener("pointerdown", onDown);
   canvas.addEventListener("pointermove", onMove);
+  if (RAW) canvas.addEventListener("pointerrawupdate", onRaw);
   canvas.addEventListener("pointerup", (e) => endDrag(e, false));
   canvas.addEventListener("pointercancel", (e) => endDrag(e, true));
 }

@@ -36,9 +36,9 @@ export async function initDecoder() {
   } else {
     try {
       const cores = window.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
-      // two workers (a move's decode starts at once) where there are cores for them; on a 2-core
-      // machine one worker with one thread measured best (docs/benchmarks_web.md)
-      const n = Number(params.get("workers") || (cores >= 4 ? 2 : 1));
+      // two workers, so a move's decode starts at once instead of waiting for the one in flight; on
+      // the 2-core machine two workers of one thread each measured best (docs/benchmarks_web.md)
+      const n = Number(params.get("workers") || (cores >= 2 ? 2 : 1));
       const threads = Number(params.get("threads") || (cores <= 2 ? 1 : Math.max(1, Math.floor(cores / n))));
       S.workers = await Promise.all(Array.from({ length: n }, () => startWorker(threads)));
       M.decoder = "browser";
@@ -118,6 +118,8 @@ function paintJob(job, res) {
       // where a preview's time goes: waiting for a free decoder, result -> frame, mask, canvas
       push("queue_ms", (job.started || job.t) - job.t); push("frame_ms", t0 - (job.back || t0));
       push("mask_ms", t1 - t0); push("draw_ms", t2 - t1);
+      if (job.back && res.ms !== undefined) push("msg_ms", job.back - job.started - res.ms);
+      if (res.tr) { const o = performance.timeOrigin; push("to_worker_ms", res.tr - (o + job.started)); push("worker_wait_ms", res.ts - res.tr); push("from_worker_ms", o + job.back - res.te); }
     }
     done();
   }));
@@ -146,7 +148,9 @@ function dispatch() {
       M.stats.decode_ms.push(res.ms);
       if (res.grown) M.stats.grown = (M.stats.grown || 0) + 1;
       return paintJob(job, res);
-    }).catch(fail).finally(() => { w.busy = false; showStats(); });
+    }).catch(fail).finally(showStats);
+    // (no ``w.busy = false`` here: by now the worker may be decoding the next box, dispatched above;
+    // clearing it queued boxes inside the worker, up to 90 ms of waiting, docs/benchmarks_web.md)
   }
 }
 
@@ -172,7 +176,7 @@ export function previewBits() {
   let bin = ""; for (let i = 0; i < out.length; i += 8192) bin += String.fromCharCode.apply(null, out.subarray(i, i + 8192));
   return btoa(bin);
 }
-export function resetStats() { M.stats = { previews: 0, moves: 0, latency_ms: [], decode_ms: [], accepts: 0, accept_ms: [] }; showStats(); }
+export function resetStats() { M.stats = { warm_ms: M.stats.warm_ms, previews: 0, moves: 0, latency_ms: [], decode_ms: [], accepts: 0, accept_ms: [] }; showStats(); }
 function pct(a, p) { if (!a.length) return NaN; const s = [...a].sort((x, y) => x - y); return s[Math.min(s.length - 1, Math.floor(p * s.length))]; }
 export function showStats() {
   const L = M.stats.latency_ms.slice(-200);
@@ -196,7 +200,7 @@ export async function loadEmbedding(token) {
   await Promise.all(S.workers.map((w, i) => {
     const copy = i === S.workers.length - 1 ? buf : buf.slice(0);
     return w.ask({ type: "image", token, buf: copy, shape, meta: { H, W, nh, nw, gh: shape[2], gw: shape[3], inputSize } }, `image:${token}`, [copy]);
-  })).then((replies) => { for (const m of replies) if (m.ok === false) throw new Error(m.error); });
+  })).then((replies) => { for (const m of replies) { if (m.ok === false) throw new Error(m.error); if (m.warm && m.warm.length) M.stats.warm_ms = m.warm; } });
   if (token !== S.token) return;
   S.emb = { H, W, nh, nw, gh: shape[2], gw: shape[3], inputSize };
   S.interp = makeInterp(H, W, nh, nw);

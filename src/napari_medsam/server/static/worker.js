@@ -2,8 +2,11 @@
 // (wasm) with the two graphs of server/web_decoder.py. The page runs up to two of these, so a
 // move's decode starts at once on a free core instead of waiting for the one in flight.
 // Messages in:  {type: "init", image, box, threads}   -> {type: "init", ok, error}
-//               {type: "image", token, buf, shape}    -> {type: "image", token}   (the image graph, once)
-//               {type: "decode", seq, box}            -> {type: "logits", seq, logits, size, region, ms, grown}
+//               {type: "image", token, buf, shape}    -> {type: "image", token, warm}   (the image graph, once;
+//                                                        warm: the warm-up decodes' ms, first image only)
+//               {type: "decode", seq, box}            -> {type: "logits", seq, logits, size, region, ms, grown,
+//                                                        tr, ts, te}  (tr/ts/te: absolute ms at receipt,
+//                                                        decode start and end, for the page's stats)
 // ``box`` in model pixels (the page scales it); ``logits`` the 256 x 256 grid (FILL_LOGIT outside
 // the decoded token window), ``region`` [y0, y1, x0, x1] the image pixels the window can set.
 /* global ort */
@@ -55,9 +58,25 @@ async function decode(b) {
   return { logits: L, size, region: [ys, ye, xs, xe], grown };
 }
 
+// V8 compiles the wasm's functions as they are first called (the first decode measured 40 ms, the
+// next ones 27 at the same size): the first image's state runs the box graph on four boxes of
+// growing size before the page is told it is ready, so the user's first drag does not pay for it.
+let warmed = false;
+async function warmUp() {
+  const ms = [], e = emb, n = Math.min(e.nh, e.nw);
+  for (let k = 0; k < WARM_RUNS; k++) {
+    const f = 0.1 + 0.4 * (k % 4) / 3, c = n / 2, h = (n * f) / 2, t0 = performance.now();
+    await decode(new Float32Array([c - h, c - h, c + h, c + h]));
+    ms.push(performance.now() - t0);
+  }
+  return ms;
+}
+const WARM_RUNS = 4;
+
 // one message at a time, in order (an image's tensors are never replaced under a running decode)
 let chain = Promise.resolve();
-onmessage = (ev) => { chain = chain.then(() => handle(ev.data)); };
+const abs = () => performance.timeOrigin + performance.now();
+onmessage = (ev) => { const tr = abs(); chain = chain.then(() => { ev.data.tr = tr; return handle(ev.data); }); };
 
 async function handle(m) {
   try {
@@ -71,10 +90,12 @@ async function handle(m) {
     } else if (m.type === "image") {
       state = await image.run({ embedding: new ort.Tensor("float16", new Uint16Array(m.buf), m.shape) });
       emb = m.meta;
-      postMessage({ type: "image", token: m.token });
+      const warm = warmed ? [] : await warmUp();
+      warmed = true;
+      postMessage({ type: "image", token: m.token, warm });
     } else if (m.type === "decode") {
-      const t0 = performance.now(), r = await decode(m.box);
-      postMessage({ type: "logits", seq: m.seq, ...r, ms: performance.now() - t0 }, [r.logits.buffer]);
+      const t0 = performance.now(), ts = abs(), r = await decode(m.box);
+      postMessage({ type: "logits", seq: m.seq, ...r, ms: performance.now() - t0, tr: m.tr, ts, te: abs() }, [r.logits.buffer]);
     }
   } catch (e) {
     postMessage({ type: m.type === "decode" ? "logits" : m.type, seq: m.seq, token: m.token, ok: false, error: String(e && e.message || e) });
