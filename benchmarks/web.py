@@ -84,7 +84,17 @@ def browser_drag(url, runs, threads, workers=None):
                     # mask painting, canvas draw
                     **{
                         f"{k}_p50_p95": (pct(st[k], 0.5), pct(st[k], 0.95))
-                        for k in ("handler_ms", "msg_ms", "to_worker_ms", "worker_wait_ms", "from_worker_ms", "queue_ms", "frame_ms", "mask_ms", "draw_ms")
+                        for k in (
+                            "handler_ms",
+                            "msg_ms",
+                            "to_worker_ms",
+                            "worker_wait_ms",
+                            "from_worker_ms",
+                            "queue_ms",
+                            "frame_ms",
+                            "mask_ms",
+                            "draw_ms",
+                        )
                         if st.get(k)
                     },
                 }
