@@ -104,12 +104,13 @@ def test_concurrent_writers_never_mix(tmp_path):
 
 
 _KILL_SCRIPT = """
-import sys
+import os, sys
 from napari_medsam.engine.atomic import atomic_write_bytes
 target = sys.argv[1]
 i = 0
+parent = os.getppid()
 print("ready", flush=True)
-while True:
+while os.getppid() == parent:  # ends if pytest itself was killed (an orphan wrote 3 MB in a loop)
     i += 1
     atomic_write_bytes(target, bytes([i % 251]) * 3_000_000)
 """

@@ -221,6 +221,7 @@ def test_labels_win_over_a_record_out_of_step(images, tmp_path):
 
 KILL_SCRIPT = textwrap.dedent(
     """
+    import os
     import sys
     import numpy as np
     from napari_medsam.engine.session import LabelingSession, boxes_from_layer
@@ -229,7 +230,8 @@ KILL_SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(int(sys.argv[3]))
     print("ready", flush=True)
     n = 0
-    while True:
+    parent = os.getppid()
+    while os.getppid() == parent:  # ends if pytest itself was killed
         n += 1
         i = n % len(s)
         lab = s.load_labels(i)
