@@ -48,7 +48,7 @@ def browser_drag(url, runs, threads, workers=None):
         page = br.new_page(viewport={"width": 1400, "height": 860})
         page.goto(f"{url}/?image=0&threads={threads}" + (f"&workers={workers}" if workers else ""))
         page.wait_for_function("window.medsam && window.medsam.ready", timeout=300_000)
-        # the worker's warm-up decodes before the page became ready (V8's tier-up happens there)
+        # the worker's warm-up decodes before the page became ready (V8 compiles the wasm lazily)
         warm = page.evaluate("window.medsam.stats.warm_ms") or []
         for r in range(runs + 1):  # the first run warms the wasm session up
             page.evaluate("window.medsam.resetStats()")
@@ -86,7 +86,6 @@ def browser_drag(url, runs, threads, workers=None):
                         f"{k}_p50_p95": (pct(st[k], 0.5), pct(st[k], 0.95))
                         for k in (
                             "handler_ms",
-                            "msg_ms",
                             "to_worker_ms",
                             "worker_wait_ms",
                             "from_worker_ms",

@@ -118,7 +118,6 @@ function paintJob(job, res) {
       // where a preview's time goes: waiting for a free decoder, result -> frame, mask, canvas
       push("queue_ms", (job.started || job.t) - job.t); push("frame_ms", t0 - (job.back || t0));
       push("mask_ms", t1 - t0); push("draw_ms", t2 - t1);
-      if (job.back && res.ms !== undefined) push("msg_ms", job.back - job.started - res.ms);
       if (res.tr) { const o = performance.timeOrigin; push("to_worker_ms", res.tr - (o + job.started)); push("worker_wait_ms", res.ts - res.tr); push("from_worker_ms", o + job.back - res.te); }
     }
     done();

@@ -61,22 +61,22 @@ async function decode(b) {
 // V8 compiles the wasm's functions as they are first called (the first decode measured 40 ms, the
 // next ones 27 at the same size): the first image's state runs the box graph on four boxes of
 // growing size before the page is told it is ready, so the user's first drag does not pay for it.
+const WARM_RUNS = 4;
 let warmed = false;
 async function warmUp() {
   const ms = [], e = emb, n = Math.min(e.nh, e.nw);
   for (let k = 0; k < WARM_RUNS; k++) {
-    const f = 0.1 + 0.4 * (k % 4) / 3, c = n / 2, h = (n * f) / 2, t0 = performance.now();
+    const f = 0.1 + (0.4 * k) / (WARM_RUNS - 1), c = n / 2, h = (n * f) / 2, t0 = performance.now();
     await decode(new Float32Array([c - h, c - h, c + h, c + h]));
     ms.push(performance.now() - t0);
   }
   return ms;
 }
-const WARM_RUNS = 4;
 
 // one message at a time, in order (an image's tensors are never replaced under a running decode)
 let chain = Promise.resolve();
 const abs = () => performance.timeOrigin + performance.now();
-onmessage = (ev) => { const tr = abs(); chain = chain.then(() => { ev.data.tr = tr; return handle(ev.data); }); };
+onmessage = (ev) => { ev.data.tr = abs(); chain = chain.then(() => handle(ev.data)); };
 
 async function handle(m) {
   try {
