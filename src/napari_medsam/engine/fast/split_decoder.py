@@ -7,23 +7,29 @@ Same weights and maths as ``segment_anything`` with ``multimask_output=False``, 
 order of the engine's fused decoder (``engine.fast.decoder``), written as plain tensor
 products (no chunk loops, no online softmax) so that ``torch.onnx.export`` traces it:
 
-* :class:`ImagePart` (once per embedding): the box-independent tensors, i.e. the image
-  tokens + no-mask embedding ``x0``, layer 0's token->image keys/values ``k0 v0`` and
+* :class:`ImagePart` (once per embedding): the box-independent tensors of the image
+  tokens + no-mask embedding ``x0``, i.e. layer 0's token->image keys/values ``k0 v0`` and
   image->token queries ``q0``, layer 1's image-side projections of ``x0`` with layer 0's
   final LayerNorm weight folded in ``xk1 xv1 xq1``, and for the statistics of both
   LayerNorms after the image->token updates and the final attention: the centred tokens
   ``xc`` and ``xg`` (``xc`` times that weight, centred) through the per-head out
   projections and the final attention's key/value weights ``xc0 xg0 xg1 xkf xvf``, and
-  eight per-token scalars ``xs`` (rows :data:`MX` ... :data:`XGB1`);
+  eight per-token scalars ``xs`` (rows :data:`MX` ... :data:`XGB1`), and ``xu``: ``xg``
+  through the output upscaling's first product (its weight times layer 1's final LayerNorm
+  weight), so that product is low-rank per box as well;
 * :class:`BoxPart` (every drag move): the transformer for one box against those. The
   4096 image tokens only ever meet 7 tokens x 8 heads = 56 vectors (``engine.fast.lowrank``),
   so no (4096, 256) tensor is built per box: each image->token update is carried as the
   (56, 4096) attention weights, and the LayerNorm statistics after it (mean, 1/std) come
   from the centred sums of squares expanded into products of those weights with 56 x 56
   Gram matrices and the per-image products above; the final attention runs for the IoU
-  token and mask token 0 only, and the output upscaling builds the keys of a window of
-  tokens only (``rows``, ``cols``: token indices on the 64 x 64 grid), as three matrix
-  products. The algebra is exact; the logits agree with the explicit form to float32
+  token and mask token 0 only, and the output upscaling runs on a window of tokens only
+  (``rows``, ``cols``: token indices on the 64 x 64 grid), its first product from ``xu``
+  and the two (P, 56) x (56, 256) products of the window's attention weights, the keys
+  never built. The low-rank logits' mean and constant terms ride in the same product as
+  the attention weights (``a0m``, two extra rows): one Gemm instead of a Gemm and three
+  full-size elementwise passes (in ONNX Runtime Web 27-30 -> 26-27 ms per box, node, this
+  machine). The algebra is exact; the logits agree with the explicit form to float32
   rounding (tested against ``segment_anything``'s decoder).
 
 Outputs of :class:`BoxPart`: ``logits`` flat, the ``(4 * len(rows), 4 * len(cols))``
@@ -44,7 +50,7 @@ from .decoder import FILL_LOGIT  # logit outside the decoded window: a sure "no"
 
 __all__ = ["FILL_LOGIT", "IMAGE_OUTPUTS", "BoxPart", "ImagePart"]
 
-IMAGE_OUTPUTS = ("x0", "k0", "v0", "q0", "xk1", "xv1", "xq1", "xc0", "xg0", "xg1", "xkf", "xvf", "xs")
+IMAGE_OUTPUTS = ("k0", "v0", "q0", "xk1", "xv1", "xq1", "xc0", "xg0", "xg1", "xkf", "xvf", "xs", "xu")
 # the rows of ``xs`` (per image token): see :meth:`ImagePart.forward`
 MX, SXC2, XCB0, SXG2, XGGB0, XGG0, XGB0, XGB1 = range(8)
 
@@ -62,6 +68,12 @@ def _per_head(w: torch.Tensor, h: int) -> torch.Tensor:
 def _out_per_head(w: torch.Tensor, h: int) -> torch.Tensor:
     """An out_proj weight (C, H*d) -> (H, d, C): the rows each head's values meet."""
     return w.detach().reshape(w.shape[0], h, -1).permute(1, 2, 0).contiguous().clone()
+
+
+def _up_weight(ct: Any) -> torch.Tensor:
+    """A ``ConvTranspose2d(k=2, s=2)`` weight (Cin, Cout, 2, 2) as (Cin, 4 * Cout), columns (dy, dx, co)."""
+    w = ct.weight.detach()
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).clone()
 
 
 def _softmax_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -92,6 +104,7 @@ class ImagePart(nn.Module):
     wo1: torch.Tensor
     wkfg: torch.Tensor
     wvfg: torch.Tensor
+    up_wg: torch.Tensor
 
     def __init__(self, module: Any, dense_pe: torch.Tensor):
         super().__init__()
@@ -129,6 +142,7 @@ class ImagePart(nn.Module):
         self.register_buffer("wo1", _out_per_head(i2t1.out_proj.weight, self.h))
         self.register_buffer("wkfg", _per_head(fin.k_proj.weight, self.h) * g1)  # (H, d, C)
         self.register_buffer("wvfg", (_per_head(fin.v_proj.weight, self.h) * g1).transpose(1, 2).contiguous())
+        self.register_buffer("up_wg", _up_weight(module.mask_decoder.output_upscaling[0]) * g1.unsqueeze(1))
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = embedding.float()
@@ -158,7 +172,8 @@ class ImagePart(nn.Module):
         xgv = xg @ vecs[:, 1:]
         sq = torch.stack([(xc * xc).sum(-1), (xg * xg).sum(-1)], 1)
         xs = torch.cat([x0.mean(-1, keepdim=True), sq[:, :1], xcb0, sq[:, 1:], xgv], 1).t().contiguous()  # (8, N)
-        return x0, k0, v0, q0, xk1, xv1, xq1, xc0, xg0, xg1, xkf, xvf, xs
+        xu = xg @ self.up_wg  # (N, 4 * C1): the upscaling's first product of xg, see BoxPart
+        return k0, v0, q0, xk1, xv1, xq1, xc0, xg0, xg1, xkf, xvf, xs, xu
 
 
 class BoxPart(nn.Module):
@@ -179,8 +194,8 @@ class BoxPart(nn.Module):
     wv_b0: torch.Tensor
     bq1: torch.Tensor
     wvf: torch.Tensor
-    up_w1: torch.Tensor
-    up_b1: torch.Tensor
+    up_wg: torch.Tensor
+    up_c: torch.Tensor
     up_w2: torch.Tensor
     up_b2: torch.Tensor
 
@@ -225,10 +240,12 @@ class BoxPart(nn.Module):
             )
             ups = self.dec.output_upscaling
             ct1, ct2 = ups[0], ups[3]
-            c = ct1.weight.shape[0]
             self.c1, self.c2 = int(ct1.weight.shape[1]), int(ct2.weight.shape[1])
-            reg("up_w1", ct1.weight.permute(0, 2, 3, 1).reshape(c, 4 * self.c1).clone())
-            reg("up_b1", ct1.bias.repeat(4).clone())
+            # the first product on LN1's output src = rstd2 zc g1 + b1 (zc: the centred rows):
+            # src @ W + c = rstd2 (zc @ (g1 W)) + (b1 @ W + c)
+            up_w1 = _up_weight(ct1)
+            reg("up_wg", (up_w1 * self.l1.norm4.weight.unsqueeze(1)).clone())
+            reg("up_c", (self.l1.norm4.bias @ up_w1 + ct1.bias.repeat(4)).clone())
             reg("up_w2", ct2.weight.permute(0, 2, 3, 1).reshape(self.c1, 4 * self.c2).clone())
             reg("up_b2", ct2.bias.repeat(4).clone())
         self.up_ln, self.up_act1, self.up_act2 = ups[1], ups[2], ups[4]
@@ -242,7 +259,6 @@ class BoxPart(nn.Module):
 
     def forward(
         self,
-        x0: Any,
         k0: Any,
         v0: Any,
         q0: Any,
@@ -255,6 +271,7 @@ class BoxPart(nn.Module):
         xkf: Any,
         xvf: Any,
         xs: Any,
+        xu: Any,
         box: Any,
         rows: Any,
         cols: Any,
@@ -263,8 +280,8 @@ class BoxPart(nn.Module):
         coords = (box + 0.5).reshape(1, 2, 2)
         sparse = self.pe_mod.pe_layer.forward_with_coords(coords, self.pe_mod.input_image_size) + self.corner
         qpe = torch.cat([self.out_tokens.unsqueeze(0), sparse], 1)  # (1, T, C)
-        t, n = qpe.shape[1], x0.shape[0]
-        c = x0.shape[1]
+        t, n = qpe.shape[1], xs.shape[1]
+        c = qpe.shape[2]
         # layer 0 (skip_first_layer_pe): the tokens against the cached image projections
         queries = l0.norm1(l0.self_attn(q=qpe, k=qpe, v=qpe))
         qp = _heads(l0.cross_attn_token_to_image.q_proj(queries + qpe), h)
@@ -287,9 +304,8 @@ class BoxPart(nn.Module):
         xcv = torch.matmul(v0t, xc0).reshape(h * t, n) + xs[XCB0] / h  # xc . vo0
         s1 = xs[SXC2] + (a0 * (2 * xcv + torch.matmul(vc0 @ vc0.t(), a0))).sum(0)
         rstd = torch.rsqrt(s1 / c + n4.eps)
-        mu_r, rstd_r = mu.reshape(1, 1, n), rstd.reshape(1, 1, n)  # (1, 1, N)
-        a0b = a0.unsqueeze(0)  # (1, 56, N)
-        vo0b = vo0.unsqueeze(0)
+        # a0 with two more rows, so that the low-rank logits' mean and constant terms ride in one product
+        a0m = torch.cat([a0, mu.reshape(1, n), torch.sqrt(s1 / c + n4.eps).reshape(1, n)], 0)  # (58, N)
         # layer 1: self-attention, then token->image with the keys' projection taken low-rank:
         # w . LN(x0 + a0^T vo0) = rstd (w.(g0 x0) + (w g0) vo0^T a0 - (w.g0) mu) + w.b0
         q = queries + qpe
@@ -297,12 +313,12 @@ class BoxPart(nn.Module):
         t2i1 = l1.cross_attn_token_to_image
         qp1 = _heads(t2i1.q_proj(queries + qpe), h) * s  # (1, H, T, d)
         qk1 = torch.matmul(qp1, self.wk1).reshape(1, h * t, -1)  # (1, 56, C)
-        lg = self._lowrank(qk1, g0, b0, vo0b, torch.matmul(qp1, xk1), a0b, mu_r, rstd_r)
-        lg = lg + torch.matmul(qp1, self.pe_k1).reshape(1, h * t, n)
-        p = torch.softmax(lg, dim=-1) * rstd_r  # (1, 56, N)
+        lg = self._lowrank(qk1[0], g0, b0, vo0, torch.matmul(qp1, xk1).reshape(h * t, n), a0m, rstd)
+        lg = lg + torch.matmul(qp1, self.pe_k1).reshape(h * t, n)
+        p = torch.softmax(lg, dim=-1) * rstd  # (56, N)
         zx = torch.matmul(p.reshape(1, h, t, n), xv1)  # (1, H, T, d)
-        za = torch.matmul(p, a0.t())  # (1, 56, 56)
-        zmu = torch.matmul(p, mu.reshape(n, 1)).reshape(1, h, t, 1)
+        zam = p @ a0m.t()  # (56, 58): p a0^T and p mu in one product (the last column unused)
+        za, zmu = zam[:, : h * t].unsqueeze(0), zam[:, h * t : h * t + 1].reshape(1, h, t, 1)
         va = torch.matmul(vo0, self.wvg).reshape(1, h * t, h, -1).permute(0, 2, 1, 3)  # (1, H, 56, d)
         o = zx + torch.matmul(za.reshape(1, h, t, -1), va) - zmu * self.wv_g0 + self.wv_b0
         queries = l1.norm2(queries + t2i1.out_proj(o.transpose(1, 2).reshape(1, t, -1)))
@@ -310,9 +326,9 @@ class BoxPart(nn.Module):
         # layer 1 image->token: logits low-rank again, softmax over the tokens
         i2t1 = l1.cross_attn_image_to_token
         kp = _heads(i2t1.k_proj(queries + qpe), h) * s
-        kq = torch.matmul(kp, self.wq1).reshape(1, h * t, -1)
-        pel2 = torch.matmul(kp, self.pe_q1 + self.bq1).reshape(1, h * t, n)
-        lg = self._lowrank(kq, g0, b0, vo0b, torch.matmul(kp, xq1), a0b, mu_r, rstd_r) + pel2
+        kq = torch.matmul(kp, self.wq1).reshape(h * t, -1)
+        pel2 = torch.matmul(kp, self.pe_q1 + self.bq1).reshape(h * t, n)
+        lg = self._lowrank(kq, g0, b0, vo0, torch.matmul(kp, xq1).reshape(h * t, n), a0m, rstd) + pel2
         a1 = _softmax_tokens(lg.reshape(1, h, t, n)).reshape(h * t, n)
         v1t, vo1 = self._vo(i2t1, self.wo1, queries)
         # keys2 = LN1(z2), z2 = LN0(z) + a1^T vo1, never built either: centred, z2 - mean(z2) =
@@ -349,12 +365,15 @@ class BoxPart(nn.Module):
         hs = self.norm_final(queries[:, :2] + fin.out_proj(of.unsqueeze(0).transpose(1, 2).reshape(1, 2, -1)))
         hyper = self.dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # (1, C/8)
         iou = self.dec.iou_prediction_head(hs[:, 0, :])[:, :1]
-        # keys2 of the window's tokens only, explicitly; their output upscaling as three products
+        # the output upscaling of the window's tokens: its first product on keys2 = LN1(z2) low-rank
+        # as well, src @ W = rstd2 (rstd (xg W + a0^T vt0 W) + b0c W + a1^T vc1 W) + const, with xu =
+        # xg W per image (ImagePart); then the rest per pixel, as the authors
         idx = (rows.unsqueeze(1) * self.gw + cols.unsqueeze(0)).reshape(-1)
-        z = x0.index_select(0, idx) + a0.index_select(1, idx).t() @ vo0
-        z = F.layer_norm(z, (c,), g0, b0, l0.norm4.eps) + a1.index_select(1, idx).t() @ vo1
-        src = F.layer_norm(z, (c,), g1, n4.bias, n4.eps)  # (P, C)
-        y = (src @ self.up_w1 + self.up_b1).reshape(-1, self.c1)
+        wg1 = self.up_wg
+        r0, r2 = rstd.index_select(0, idx).unsqueeze(1), rstd2.index_select(0, idx).unsqueeze(1)
+        pre = (xu.index_select(0, idx) + a0.index_select(1, idx).t() @ (vt0 @ wg1)) * r0
+        pre = pre + a1.index_select(1, idx).t() @ (vc1 @ wg1) + b0c @ wg1
+        y = (pre * r2 + self.up_c).reshape(-1, self.c1)
         y = self.up_act1(F.layer_norm(y, (self.c1,), self.up_ln.weight, self.up_ln.bias, self.up_ln.eps))
         y = self.up_act2((y @ self.up_w2 + self.up_b2).reshape(-1, self.c2))
         m = (y @ hyper.reshape(-1, 1)).reshape(rows.shape[0], cols.shape[0], 2, 2, 2, 2)
@@ -362,10 +381,9 @@ class BoxPart(nn.Module):
         return m.permute(0, 2, 4, 1, 3, 5).reshape(-1), iou
 
     @staticmethod
-    def _lowrank(w: Any, g0: Any, b0: Any, vo0: Any, wx: Any, a0: Any, mu: Any, rstd: Any) -> torch.Tensor:
-        """``w . LN(x0 + a0^T vo0)`` for all image tokens; wx = w.(g0 x0) per head (1, H, T, N)."""
+    def _lowrank(w: Any, g0: Any, b0: Any, vo0: Any, wx: Any, a0m: Any, rstd: Any) -> torch.Tensor:
+        """``w . LN(x0 + a0^T vo0)`` (56, N) for all image tokens, w (56, C); wx = w.(g0 x0) (56, N);
+        a0m = [a0; mu; 1/rstd]: (wx + m a0 - u mu + cst/rstd) rstd as one product and one scaling."""
         wg = w * g0
-        m = torch.matmul(wg, vo0.transpose(1, 2))  # (1, 56, 56)
-        u = wg.sum(-1, keepdim=True)
-        cst = torch.matmul(w, b0).unsqueeze(-1)
-        return (wx.reshape(1, w.shape[1], -1) + torch.matmul(m, a0) - u * mu) * rstd + cst
+        m = torch.cat([wg @ vo0.t(), -wg.sum(-1, keepdim=True), (w @ b0).unsqueeze(-1)], 1)  # (56, 58)
+        return (wx + m @ a0m) * rstd
