@@ -36,10 +36,11 @@ export async function initDecoder() {
   } else {
     try {
       const cores = window.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
-      // two workers, so a move's decode starts at once instead of waiting for the one in flight; on
-      // the 2-core machine two workers of one thread each measured best (docs/benchmarks_web.md)
-      const n = Number(params.get("workers") || (cores >= 2 ? 2 : 1));
-      const threads = Number(params.get("threads") || (cores <= 2 ? 1 : Math.max(1, Math.floor(cores / n))));
+      // on up to 2 cores one worker with a thread a core (a decode in 22-29 ms, p50; two workers
+      // of one thread each: 28-34 ms, the two decodes sharing the cores, docs/benchmarks_web.md);
+      // on more, two workers, so a move's decode starts at once instead of waiting for the one in flight
+      const n = Number(params.get("workers") || (cores > 2 ? 2 : 1));
+      const threads = Number(params.get("threads") || Math.max(1, Math.floor(cores / n)));
       S.workers = await Promise.all(Array.from({ length: n }, () => startWorker(threads)));
       M.decoder = "browser";
       label = `decoder: in the browser (wasm ${n} × ${threads} thread${threads > 1 ? "s" : ""})`;
