@@ -48,14 +48,14 @@ def cpu_snapshot():
     out = {"python (benchmark + server)": sum(me.cpu_times()[:2])}
     for ch in me.children(recursive=True):
         try:
-            cmd, t = ch.cmdline(), ch.cpu_times()
-        except psutil.Error:
+            cmd, t, name = ch.cmdline(), ch.cpu_times(), ch.name()
+        except psutil.Error:  # ended meanwhile
             continue
         if "chrom" in (cmd[0] if cmd else ""):
             kind = next((a.split("=", 1)[1] for a in cmd if a.startswith("--type=")), "browser")
             role = f"chromium {kind}"
         else:
-            role = "playwright driver" if "node" in " ".join(cmd[:1]) or "playwright" in " ".join(cmd) else ch.name()
+            role = "playwright driver" if "node" in " ".join(cmd[:1]) or "playwright" in " ".join(cmd) else name
         out[role] = out.get(role, 0.0) + t.user + t.system
     return out
 
@@ -104,7 +104,7 @@ def browser_drag(url, runs, threads, workers=None):
                     "decode_p95_ms": pct(st["decode_ms"], 0.95),
                     "warmup_ms": [round(v, 1) for v in warm] if r == 1 else None,
                     # cores busy during the drag, by process (2.0 = both cores of this machine)
-                    "cores_busy": {k: round((cpu1[k] - cpu0.get(k, 0.0)) / dt, 2) for k in cpu1},
+                    "cores_busy": {k: round(max(0.0, cpu1[k] - cpu0.get(k, 0.0)) / dt, 2) for k in cpu1},
                     # where a preview's time goes (p50 / p95): waiting for the decoder, result -> frame,
                     # mask painting, canvas draw
                     **{

@@ -182,9 +182,13 @@ def test_work_undo_redo_and_ids():
 def test_decoder_files_are_served(server):
     srv, b, _ = server
     status, body, _ = call(srv.url + "/api/session")
-    assert json.loads(body)["decoder"] == {"image": "/api/decoder/image.onnx", "box": "/api/decoder/box.onnx"}
+    urls = json.loads(body)["decoder"]
+    # the address names the exported file (weights + graph code), so a browser's cached copy of an
+    # older graph is never paired with a newer one
+    assert urls == {k: f"/api/decoder/{k}.onnx?v={getattr(b.decoder, k).stem}" for k in ("image", "box")}
+    assert b.decoder.image.stem != b.decoder.box.stem
     for part in ("image", "box"):
-        status, body, _ = call(srv.url + f"/api/decoder/{part}.onnx")
+        status, body, _ = call(srv.url + urls[part])
         assert status == 200 and body == getattr(b.decoder, part).read_bytes()
     assert call(srv.url + "/api/decoder/service.onnx")[0] == 404
 

@@ -111,7 +111,11 @@ def create_app(
             **service.listing(c),
             "start": service.start_index(c),
             "model": service.model.name,
-            "decoder": {k: f"/api/decoder/{k}.onnx" for k in ("image", "box")} if decoder else None,
+            # the file's stem (a digest of the weights and the graph code) in the address: a browser
+            # never pairs an old cached graph with a new one (they are cached for a day)
+            "decoder": {k: f"/api/decoder/{k}.onnx?v={getattr(decoder, k).stem}" for k in ("image", "box")}
+            if decoder
+            else None,
             "device": str(service.model.device),
             "warnings": list(service.session.warnings),
         }

@@ -3,7 +3,7 @@
 The page runs it with ONNX Runtime Web (wasm) against the image embedding the server
 sent once. Two graphs (:func:`export_web_decoder`, see :mod:`napari_medsam.engine.fast.split_decoder`)::
 
-    image.onnx  embedding (1, 256, 64, 64) float16 -> x0 k0 v0 q0 xk1 xv1 xq1 xc0 xg0 xg1 xkf xvf xs (float32)
+    image.onnx  embedding (1, 256, 64, 64) float16 -> k0 v0 q0 xk1 xv1 xq1 xc0 xg0 xg1 xkf xvf xs xu (float32)
                 once per image, in the browser
     box.onnx    those + box (1, 4) float32 model pixels + rows, cols (int64 token indices)
                 -> logits (16 * len(rows) * len(cols),) float32, iou (1, 1)

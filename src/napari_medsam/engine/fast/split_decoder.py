@@ -383,7 +383,8 @@ class BoxPart(nn.Module):
     @staticmethod
     def _lowrank(w: Any, g0: Any, b0: Any, vo0: Any, wx: Any, a0m: Any, rstd: Any) -> torch.Tensor:
         """``w . LN(x0 + a0^T vo0)`` (56, N) for all image tokens, w (56, C); wx = w.(g0 x0) (56, N);
-        a0m = [a0; mu; 1/rstd]: (wx + m a0 - u mu + cst/rstd) rstd as one product and one scaling."""
+        a0m = [a0; mu; 1/rstd] and m = [wg vo0^T, -sum(wg), w.b0] (wg = w g0): (wx + m a0m) rstd, one
+        product and one scaling for rstd (wx + wg vo0^T a0 - sum(wg) mu) + w.b0."""
         wg = w * g0
         m = torch.cat([wg @ vo0.t(), -wg.sum(-1, keepdim=True), (w @ b0).unsqueeze(-1)], 1)  # (56, 58)
         return (wx + m @ a0m) * rstd

@@ -1,5 +1,5 @@
 // napari-medsam serve: the decoder in the browser: up to two Web Workers (static/worker.js), each
-// with ONNX Runtime Web (wasm) and the two graphs of server/web_decoder.py: the per-image part
+// with ONNX Runtime Web (wasm) and the two graphs of server/decoder_onnx.py: the per-image part
 // (run once on each embedding) and the per-box part (every drag move, only the token window
 // around the box, as the engine's fast decoder). Here: the authors' postprocessing (crop, bilinear
 // align_corners=False, logit > 0) and painting, coalesced previews (each worker decodes one box at
@@ -39,8 +39,8 @@ export async function initDecoder() {
       // on up to 2 cores one worker with a thread a core (a decode in 22-29 ms, p50; two workers
       // of one thread each: 28-34 ms, the two decodes sharing the cores, docs/benchmarks_web.md);
       // on more, two workers, so a move's decode starts at once instead of waiting for the one in flight
-      const n = Number(params.get("workers") || (cores > 2 ? 2 : 1));
-      const threads = Number(params.get("threads") || Math.max(1, Math.floor(cores / n)));
+      const opt = (k, v) => Math.max(1, Math.floor(Number(params.get(k)) || v)); // a bad ?workers= etc.: the default
+      const n = opt("workers", cores > 2 ? 2 : 1), threads = opt("threads", Math.max(1, Math.floor(cores / n)));
       S.workers = await Promise.all(Array.from({ length: n }, () => startWorker(threads)));
       M.decoder = "browser";
       label = `decoder: in the browser (wasm ${n} × ${threads} thread${threads > 1 ? "s" : ""})`;
