@@ -51,11 +51,12 @@ def cpu_snapshot():
             cmd, t, name = ch.cmdline(), ch.cpu_times(), ch.name()
         except psutil.Error:  # ended meanwhile
             continue
-        if "chrom" in (cmd[0] if cmd else ""):
+        exe = cmd[0] if cmd else ""
+        if "chrom" in exe:
             kind = next((a.split("=", 1)[1] for a in cmd if a.startswith("--type=")), "browser")
             role = f"chromium {kind}"
         else:
-            role = "playwright driver" if "node" in " ".join(cmd[:1]) or "playwright" in " ".join(cmd) else name
+            role = "playwright driver" if "node" in exe or "playwright" in " ".join(cmd) else name
         out[role] = out.get(role, 0.0) + t.user + t.system
     return out
 

@@ -76,6 +76,13 @@ def _up_weight(ct: Any) -> torch.Tensor:
     return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).clone()
 
 
+def _up_weight_g1(module: Any) -> torch.Tensor:
+    """The output upscaling's first product with layer 1's final LayerNorm weight folded in,
+    (C, 4 * C1): ``xu = xg @ this`` per image, the window's ``(vt0, vc1) @ this`` per box."""
+    ups, g1 = module.mask_decoder.output_upscaling, module.mask_decoder.transformer.layers[1].norm4.weight
+    return _up_weight(ups[0]) * g1.detach().unsqueeze(1)
+
+
 def _softmax_tokens(x: torch.Tensor) -> torch.Tensor:
     """Softmax over axis 2 (the 7 tokens) of (1, H, T, N), written out: ONNX Runtime's Softmax on
     an inner axis transposes the tensor there and back (2.8 of 28 ms per box in the browser)."""
@@ -142,7 +149,7 @@ class ImagePart(nn.Module):
         self.register_buffer("wo1", _out_per_head(i2t1.out_proj.weight, self.h))
         self.register_buffer("wkfg", _per_head(fin.k_proj.weight, self.h) * g1)  # (H, d, C)
         self.register_buffer("wvfg", (_per_head(fin.v_proj.weight, self.h) * g1).transpose(1, 2).contiguous())
-        self.register_buffer("up_wg", _up_weight(module.mask_decoder.output_upscaling[0]) * g1.unsqueeze(1))
+        self.register_buffer("up_wg", _up_weight_g1(module))
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, ...]:
         f = embedding.float()
@@ -243,9 +250,8 @@ class BoxPart(nn.Module):
             self.c1, self.c2 = int(ct1.weight.shape[1]), int(ct2.weight.shape[1])
             # the first product on LN1's output src = rstd2 zc g1 + b1 (zc: the centred rows):
             # src @ W + c = rstd2 (zc @ (g1 W)) + (b1 @ W + c)
-            up_w1 = _up_weight(ct1)
-            reg("up_wg", (up_w1 * self.l1.norm4.weight.unsqueeze(1)).clone())
-            reg("up_c", (self.l1.norm4.bias @ up_w1 + ct1.bias.repeat(4)).clone())
+            reg("up_wg", _up_weight_g1(module))
+            reg("up_c", (self.l1.norm4.bias @ _up_weight(ct1) + ct1.bias.repeat(4)).clone())
             reg("up_w2", ct2.weight.permute(0, 2, 3, 1).reshape(self.c1, 4 * self.c2).clone())
             reg("up_b2", ct2.bias.repeat(4).clone())
         self.up_ln, self.up_act1, self.up_act2 = ups[1], ups[2], ups[4]
@@ -303,9 +309,10 @@ class BoxPart(nn.Module):
         mu = xs[MX] + (m0 * a0).sum(0)  # (N,)
         xcv = torch.matmul(v0t, xc0).reshape(h * t, n) + xs[XCB0] / h  # xc . vo0
         s1 = xs[SXC2] + (a0 * (2 * xcv + torch.matmul(vc0 @ vc0.t(), a0))).sum(0)
-        rstd = torch.rsqrt(s1 / c + n4.eps)
+        var = s1 / c + n4.eps
+        rstd = torch.rsqrt(var)
         # a0 with two more rows, so that the low-rank logits' mean and constant terms ride in one product
-        a0m = torch.cat([a0, mu.reshape(1, n), torch.sqrt(s1 / c + n4.eps).reshape(1, n)], 0)  # (58, N)
+        a0m = torch.cat([a0, mu.reshape(1, n), torch.sqrt(var).reshape(1, n)], 0)  # (58, N)
         # layer 1: self-attention, then token->image with the keys' projection taken low-rank:
         # w . LN(x0 + a0^T vo0) = rstd (w.(g0 x0) + (w g0) vo0^T a0 - (w.g0) mu) + w.b0
         q = queries + qpe
