@@ -2,7 +2,8 @@
 
 1. Browser: headless Chromium (Debian's /usr/bin/chromium, via Playwright) on the bundled
    512 x 512 fluorescence sample; a 40-move drag with real mouse events paced like a mouse
-   (one move per 16.7 ms); per run: previews per second, previews per move, move -> painted
+   (one move per 16.7 ms, on the clock: ``--pacing 60hz``); per run: previews per second,
+   previews per move, move -> painted
    p50/p95 (pointer event timestamp -> the preview drawn in the next animation frame) and the
    wasm decode time alone. Beside it, in the same run, ONNX Runtime (native, 1 thread) on the
    same drag boxes: the split decoder's box graph (what the page runs per move) and the single
@@ -20,6 +21,7 @@ Prints JSON; docs/benchmarks_web.md is written by hand from it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import shutil
@@ -61,35 +63,58 @@ def cpu_snapshot():
     return out
 
 
-def browser_drag(url, runs, threads, workers=None):
-    from playwright.sync_api import sync_playwright
+#: the pointer's pace: one move per display frame of a 60 Hz screen
+MOVE_INTERVAL_S = 1 / 60
+
+
+def browser_drag(url, runs, threads, workers=None, pacing="60hz"):
+    """``runs`` + 1 drags of 40 moves each (the first reported apart as ``first_drag``).
+
+    ``pacing``: ``60hz`` sends move k at k x 16.7 ms after the first, whatever the browser is
+    doing (a mouse does not wait for the page); ``acked`` waits for each move to be acknowledged
+    and then 16.7 ms (the pacing of this benchmark before 2026-12-06: the acknowledgement took
+    ~20 ms, so the moves came every ~37 ms, about 27 a second).
+    """
+    return asyncio.run(_browser_drag(url, runs, threads, workers, pacing))
+
+
+async def _browser_drag(url, runs, threads, workers, pacing):
+    from playwright.async_api import async_playwright
 
     out = []
-    with sync_playwright() as p:
-        br = p.chromium.launch(executable_path="/usr/bin/chromium")
-        page = br.new_page(viewport={"width": 1400, "height": 860})
-        page.goto(f"{url}/?image=0&threads={threads}" + (f"&workers={workers}" if workers else ""))
-        page.wait_for_function("window.medsam && window.medsam.ready", timeout=300_000)
+    async with async_playwright() as p:
+        br = await p.chromium.launch(executable_path="/usr/bin/chromium")
+        page = await br.new_page(viewport={"width": 1400, "height": 860})
+        await page.goto(f"{url}/?image=0&threads={threads}" + (f"&workers={workers}" if workers else ""))
+        await page.wait_for_function("window.medsam && window.medsam.ready", timeout=300_000)
         # the worker's warm-up decodes before the page became ready (V8 compiles the wasm lazily)
-        warm = page.evaluate("window.medsam.stats.warm_ms") or []
-        for r in range(runs + 1):  # the first run warms the wasm session up
-            page.evaluate("window.medsam.resetStats()")
-            a = page.evaluate("window.medsam.imageToClient(150, 120)")
-            c = page.evaluate("window.medsam.imageToClient(250, 220)")
-            page.mouse.move(a["x"], a["y"])
-            page.mouse.down()
+        warm = await page.evaluate("window.medsam.stats.warm_ms") or []
+        for r in range(runs + 1):
+            await page.evaluate("window.medsam.resetStats()")
+            a = await page.evaluate("window.medsam.imageToClient(150, 120)")
+            c = await page.evaluate("window.medsam.imageToClient(250, 220)")
+            await page.mouse.move(a["x"], a["y"])
+            await page.mouse.down()
             cpu0 = cpu_snapshot()
             t0 = time.perf_counter()
+            sent = []
             for k in range(1, 41):
                 f = k / 40
-                page.mouse.move(a["x"] + (c["x"] - a["x"]) * f, a["y"] + (c["y"] - a["y"]) * f)
-                page.wait_for_timeout(16.7)
+                move = page.mouse.move(a["x"] + (c["x"] - a["x"]) * f, a["y"] + (c["y"] - a["y"]) * f)
+                if pacing == "acked":
+                    await move
+                    await page.wait_for_timeout(MOVE_INTERVAL_S * 1000)
+                else:  # on the clock: in order, without waiting for the previous one's acknowledgement
+                    await asyncio.sleep(max(0.0, t0 + (k - 1) * MOVE_INTERVAL_S - time.perf_counter()))
+                    sent.append(asyncio.ensure_future(move))
+            last_sent = time.perf_counter() - t0
+            await asyncio.gather(*sent)
             dt = time.perf_counter() - t0
             cpu1 = cpu_snapshot()
-            page.wait_for_timeout(2000)
-            st = page.evaluate("window.medsam.stats")
-            page.keyboard.press("Escape")
-            page.mouse.up()
+            await page.wait_for_timeout(2000)
+            st = await page.evaluate("window.medsam.stats")
+            await page.keyboard.press("Escape")
+            await page.mouse.up()
             lat = st["latency_ms"]
             out.append(
                 {
@@ -97,6 +122,7 @@ def browser_drag(url, runs, threads, workers=None):
                     "moves": st["moves"],
                     "previews": st["previews"],
                     "drag_s": dt,
+                    "move_interval_ms": (last_sent if sent else dt) / (39 if sent else 40) * 1000,
                     "previews_per_s": st["previews"] / dt,
                     "latency_p50_ms": pct(lat, 0.5),
                     "latency_p95_ms": pct(lat, 0.95),
@@ -123,7 +149,7 @@ def browser_drag(url, runs, threads, workers=None):
                     },
                 }
             )
-        br.close()
+        await br.close()
     return out
 
 
@@ -227,6 +253,9 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-server", action="store_true")
+    ap.add_argument(
+        "--pacing", choices=("60hz", "acked"), default="60hz", help="moves on the clock, or each after the last's ack"
+    )
     ap.add_argument("--skip-browser", action="store_true")
     ap.add_argument(
         "--configs", nargs="+", default=["1x1", "1x2", "2x1"], help="decoder workers x wasm threads each, to run"
@@ -240,7 +269,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="medsam-webbench-"))
     model = MedSAM.load("litemedsam", device="cpu")
     report = {
-        "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg(), "torch_threads": torch.get_num_threads()}
+        "pacing": a.pacing,
+        "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg(), "torch_threads": torch.get_num_threads()},
     }
     if not a.skip_browser:
         imgs = work / "drag"
@@ -250,7 +280,7 @@ def main():
         srv = ServerThread(b.app).start()
         for conf in a.configs:
             workers, threads = (int(v) for v in conf.split("x"))
-            runs = browser_drag(srv.url, a.runs, threads, workers)
+            runs = browser_drag(srv.url, a.runs, threads, workers, a.pacing)
             key = f"browser_{workers}_workers_x_{threads}_threads"
             key += f"_again_{sum(k.startswith(key) for k in report)}" if key in report else ""  # a config given twice
             first = [r for r in runs if r.pop("first_drag")]
